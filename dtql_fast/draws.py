@@ -1,0 +1,42 @@
+"""The random draws of one DTQL step, as one object that any implementation can be fed.
+
+The reference and the fast step both take a `Draws`, so a test or the bench can hand the same
+numbers to two implementations and compare what they compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .edm import sample_sigma
+
+
+@dataclass
+class Draws:
+    idx: torch.Tensor       # (B,) int64: batch rows, uniform with replacement
+    sigma_bc: torch.Tensor  # (B, K) noise levels for the behaviour-cloning loss
+    noise_bc: torch.Tensor  # (B, K, A)
+    eps: torch.Tensor       # (B, A) the policy's reparameterisation noise
+    sigma_tr: torch.Tensor  # (B, K) noise levels for the trust-region loss
+    noise_tr: torch.Tensor  # (B, K, A)
+
+    def to(self, device) -> "Draws":
+        return Draws(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def sample_draws(n: int, batch: int, action_dim: int, noise_levels: int = 1,
+                 generator: torch.Generator | None = None, device=None) -> Draws:
+    B, K, A = batch, noise_levels, action_dim
+    g = dict(generator=generator, device=device)
+    return Draws(
+        idx=torch.randint(0, n, (B,), **g),
+        sigma_bc=sample_sigma((B, K), **g),
+        noise_bc=torch.randn((B, K, A), **g),
+        eps=torch.randn((B, A), **g),
+        sigma_tr=sample_sigma((B, K), **g),
+        noise_tr=torch.randn((B, K, A), **g),
+    )

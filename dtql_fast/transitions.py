@@ -1,0 +1,80 @@
+"""Validated transitions, held as tensors on the training device.
+
+Every loader (D4RL HDF5, Minari, the offline builder) ends here, so every bad-data check lives
+in one place and runs before training starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on; the message says what is wrong and where."""
+
+
+@dataclass
+class Transitions:
+    obs: torch.Tensor       # (N, S)
+    actions: torch.Tensor   # (N, A)
+    rewards: torch.Tensor   # (N, 1)
+    next_obs: torch.Tensor  # (N, S)
+    not_done: torch.Tensor  # (N, 1), 0.0 where the transition ended in a terminal state
+
+    @property
+    def n(self) -> int:
+        return self.obs.shape[0]
+
+    @property
+    def state_dim(self) -> int:
+        return self.obs.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self.actions.shape[1]
+
+    def batch(self, idx: torch.Tensor):
+        """(s, a, r, s', not_done) at rows idx."""
+        return (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.not_done[idx])
+
+    @classmethod
+    def from_arrays(cls, obs, actions, rewards, next_obs, dones, *, source: str = "dataset",
+                    max_action: float = 1.0, device="cpu") -> "Transitions":
+        """Check the arrays and move them to `device` as float32 tensors."""
+        arrays = {"observations": obs, "actions": actions, "rewards": rewards,
+                  "next_observations": next_obs, "terminals": dones}
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        n = arrays["observations"].shape[0] if arrays["observations"].ndim else 0
+        if n == 0:
+            raise DatasetError(f"{source}: the dataset is empty (no transitions after filtering).")
+        for key, arr in arrays.items():
+            if arr.shape[:1] != (n,):
+                raise DatasetError(f"{source}: '{key}' has {arr.shape[0] if arr.ndim else 0} rows, "
+                                   f"but 'observations' has {n}; every field needs one row per transition.")
+            if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+                raise DatasetError(f"{source}: '{key}' has non-numeric dtype {arr.dtype}.")
+        for key in ("observations", "actions", "next_observations"):
+            if arrays[key].ndim != 2:
+                raise DatasetError(f"{source}: '{key}' should be 2-D (N, dim); got shape {arrays[key].shape}.")
+        if arrays["observations"].shape != arrays["next_observations"].shape:
+            raise DatasetError(f"{source}: observations {arrays['observations'].shape} and next_observations "
+                               f"{arrays['next_observations'].shape} differ in shape.")
+        for key in ("rewards", "terminals"):
+            arrays[key] = arrays[key].reshape(n, -1)
+            if arrays[key].shape[1] != 1:
+                raise DatasetError(f"{source}: '{key}' should hold one value per transition; "
+                                   f"got shape {arrays[key].shape}.")
+        for key, arr in arrays.items():
+            bad = ~np.isfinite(arr.astype(np.float64))
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise DatasetError(f"{source}: '{key}' holds {int(bad.sum())} NaN/inf values "
+                                   f"(first at transition {row}); clean or drop those transitions.")
+        amax = float(np.abs(arrays["actions"]).max())
+        if amax > max_action + 1e-6:
+            raise DatasetError(f"{source}: actions reach {amax:.4g}, outside the action box "
+                               f"[-{max_action}, {max_action}]; rescale the actions to the box.")
+        t = {k: torch.as_tensor(v.astype(np.float32), device=device) for k, v in arrays.items()}
+        return cls(t["observations"], t["actions"], t["rewards"], t["next_observations"], 1.0 - t["terminals"])

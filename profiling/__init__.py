@@ -1,0 +1,1 @@
+"""Benchmark, parity harness and profiler ranges, installed as dtql_fast.profiling."""

@@ -1,0 +1,33 @@
+from setuptools import setup
+
+# kernels/ and profiling/ live at the top level of the repo but install as subpackages of
+# dtql_fast: a top-level package called `kernels` would collide with the PyPI package of that name.
+setup(
+    name="dtql_fast",
+    version="0.1.0",
+    description="A fast, verified trainer for Diffusion Trusted Q-Learning (offline RL)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dtql_fast", "dtql_fast.kernels", "dtql_fast.profiling"],
+    package_dir={"dtql_fast": "dtql_fast", "dtql_fast.kernels": "kernels",
+                 "dtql_fast.profiling": "profiling"},
+    install_requires=[
+        # Pin nothing that would drag a CUDA torch in: install torch first (see README).
+        "torch>=2.5",
+        'triton>=3.2; platform_system == "Linux"',
+        "numpy",
+        "gymnasium[mujoco]>=1.0",
+        "mujoco>=3.0",
+        "minari>=0.5",
+        "h5py",
+        "nvtx",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "robotics": ["gymnasium-robotics>=1.2"],
+        "hf": ["minari[hf]"],
+    },
+)

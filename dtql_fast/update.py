@@ -1,0 +1,344 @@
+"""The fast DTQL step: the whole update, top to bottom, with no host synchronisation.
+
+Read `FastDTQL.train_step` from top to bottom: it is the algorithm of
+../shared/spec/dtql-reference.md, in the spec's order. What makes it fast:
+
+- Gradients come from `torch.func.grad` over exactly the parameters being updated,
+  so the policy step computes no gradients for the critic's or the diffusion net's weights, and
+  the whole step (three backward passes and three Adam steps) traces as one graph:
+  `torch.compile(fullgraph=True)` cannot trace `Tensor.backward()` or `Optimizer.zero_grad`.
+- Adam is written with foreach ops on device tensors (lr, step counts), so nothing is read
+  back to the host, a changing learning rate never recompiles, and a CUDA graph can replay it.
+- The critic evaluates Q1, Q2 on (s, a) once (the reference does it twice), and the policy's
+  EMA, which the release keeps but never uses, is not kept.
+- Losses accumulate on the device; `read_metrics()` is the only host read, once per log interval.
+
+CPU and CUDA run the same step; only `CUDAGraphStep` is CUDA-specific.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad
+
+from . import edm
+from .draws import Draws, sample_draws
+from .nets import Critic, DiffusionNet, GaussianPolicy
+from .tasks import Hyper
+from .transitions import Transitions
+
+METRICS = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "loss_policy", "q_mean", "v_mean")
+PRETRAIN_METRICS = ("loss_v", "loss_q", "loss_bc", "q_mean", "v_mean")
+
+
+class Adam:
+    """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) on a dict of tensors, updated in place.
+
+    Same arithmetic as torch.optim.Adam; lr and the step count are device tensors.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params.values())
+        self.names = list(params.keys())
+        device = self.params[0].device
+        self.lr0 = lr
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
+        self.step = torch.zeros((), dtype=torch.float32, device=device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+
+    def update(self, grads: dict[str, torch.Tensor]):
+        g = [grads[n] for n in self.names]
+        self.step += 1
+        torch._foreach_lerp_(self.exp_avg, g, 1 - self.beta1)
+        torch._foreach_mul_(self.exp_avg_sq, self.beta2)
+        torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - self.beta2)
+        bc1 = 1 - torch.pow(self.beta1, self.step)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(self.beta2, self.step))
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        upd = torch._foreach_div(self.exp_avg, denom)
+        torch._foreach_mul_(upd, -self.lr / bc1)
+        torch._foreach_add_(self.params, upd)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, sd: dict):
+        with torch.no_grad():
+            self.lr.copy_(sd["lr"]); self.step.copy_(sd["step"])
+            torch._foreach_copy_(self.exp_avg, list(sd["exp_avg"]))
+            torch._foreach_copy_(self.exp_avg_sq, list(sd["exp_avg_sq"]))
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # The fast path differentiates with torch.func, never with .grad: no autograd bookkeeping.
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return dict(module.named_parameters())
+
+
+class FastDTQL:
+    def __init__(self, state_dim: int, action_dim: int, hyper: Hyper, device="cpu", kernels: str = "torch"):
+        h = self.hyper = hyper
+        self.device = torch.device(device)
+        self.state_dim, self.action_dim = state_dim, action_dim
+        self.diffusion = DiffusionNet(state_dim, action_dim, h.hidden).to(device)
+        self.critic = Critic(state_dim, action_dim, h.hidden).to(device)
+        self.critic_target = Critic(state_dim, action_dim, h.hidden).to(device)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.policy = GaussianPolicy(state_dim, action_dim, h.hidden, h.max_action).to(device)
+        self.dp, self.cp = _params(self.diffusion), _params(self.critic)
+        self.tp, self.pp = _params(self.critic_target), _params(self.policy)
+        self.diffusion_opt = Adam(self.dp, h.lr)
+        self.critic_opt = Adam(self.cp, h.critic_lr)
+        self.policy_opt = Adam(self.pp, h.lr)
+        self.lr_step = torch.zeros((), dtype=torch.float32, device=device)  # training steps taken
+        self.metric_sum = torch.zeros(len(METRICS), device=device)
+        self.metric_count = torch.zeros((), device=device)
+        self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: str):
+        if kernels == "torch":
+            self._edm_prepare, self._edm_loss = edm.edm_prepare, edm.edm_loss_from_output
+        elif kernels == "triton":
+            from . import kernels as K
+            self._edm_prepare, self._edm_loss = K.edm_prepare, K.edm_loss
+        else:
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+        self.kernels = kernels
+
+    # -- losses, each a pure function of the parameters it differentiates --------------------
+
+    def _edm_loss_fn(self, dp, x, s, sigma, noise):
+        K = sigma.shape[1]
+        x_in, t = self._edm_prepare(x, sigma, noise)
+        s_rep = s if K == 1 else s.repeat_interleave(K, dim=0)
+        F = functional_call(self.diffusion, dp, (x_in, s_rep, t))
+        return self._edm_loss(F, x, sigma, noise, self.hyper.max_action)
+
+    def _critic_loss(self, cp, s, a, r, s2, not_done):
+        h = self.hyper
+        q1, q2 = self._q(cp, s, a)  # once; the reference evaluates Q on (s, a) twice
+        q = torch.minimum(q1, q2).detach()
+        v = functional_call(self.critic.v, _sub(cp, "v."), (s,))
+        next_v = functional_call(self.critic.v, _sub(cp, "v."), (s2,)).detach()
+        d = q - v
+        w = torch.where(d > 0, h.expectile, 1.0 - h.expectile)
+        loss_v = (w * d * d).mean()
+        y = r + not_done * h.discount * next_v
+        loss_q = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+        return loss_v + loss_q, (loss_v, loss_q, q.mean(), v.mean())
+
+    def _q(self, cp, s, a):
+        sa = torch.cat([s, a], dim=-1)
+        return (functional_call(self.critic.q1, _sub(cp, "q1."), (sa,)),
+                functional_call(self.critic.q2, _sub(cp, "q2."), (sa,)))
+
+    def _bc_loss(self, dp, s, a, sigma, noise):
+        loss = self._edm_loss_fn(dp, a, s, sigma, noise)
+        return loss, loss
+
+    def _policy_loss(self, pp, s, a, eps, sigma, noise):
+        h = self.hyper
+        mu, log_std = functional_call(self.policy.net, _sub(pp, "net."), (s,)).chunk(2, dim=-1)
+        std = log_std.clamp(-5.0, 2.0).exp()
+        a_new = (torch.tanh(mu + std * eps) * h.max_action).clamp(-h.max_action, h.max_action)
+        loss_tr = self._edm_loss_fn(self.dp, a_new, s, sigma, noise)
+        loss_q = -torch.minimum(*self._q(self.cp, s, a_new)).mean()
+        loss = h.alpha * loss_tr + loss_q
+        loss_ent = torch.zeros((), device=s.device)
+        if h.gamma != 0:
+            # Release quirk: the "entropy" term is the NLL of the dataset actions.
+            z = torch.atanh(a / (h.max_action + 1e-3))
+            log_prob = (-((z - mu) ** 2) / (2 * std * std) - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            loss_ent = -log_prob.mean()
+            loss = loss + h.gamma * loss_ent
+        return loss, (loss_tr, loss_q, loss_ent, loss)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def train_step(self, data: Transitions, draws: Draws) -> torch.Tensor:
+        """One DTQL step. Returns the step's metrics as one device tensor (ordered as METRICS)."""
+        h = self.hyper
+        with torch.no_grad():
+            s, a, r, s2, not_done = data.batch(draws.idx)
+        # 1. critic (IQL), online critic
+        g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
+            self.cp, s, a, r, s2, not_done)
+        self.critic_opt.update(g)
+        # 2. behaviour cloning
+        g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+        self.diffusion_opt.update(g)
+        # 3. policy, against the critic and diffusion net as just updated
+        g, (loss_tr, loss_pq, loss_ent, loss_pi) = grad(self._policy_loss, has_aux=True)(
+            self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
+        self.policy_opt.update(g)
+        with torch.no_grad():
+            # 4. critic target soft update
+            tp, cp = list(self.tp.values()), list(self.cp.values())
+            torch._foreach_mul_(tp, 1.0 - h.tau)
+            torch._foreach_add_(tp, cp, alpha=h.tau)
+            # 5. cosine learning-rate decay, on the device
+            if h.lr_decay:
+                self.lr_step += 1
+                f = 0.5 * (1.0 + torch.cos(math.pi * self.lr_step / h.total_steps))
+                for opt in (self.critic_opt, self.diffusion_opt, self.policy_opt):
+                    opt.lr.copy_(opt.lr0 * f)
+            m = torch.stack([loss_v, loss_q, loss_bc, loss_tr, loss_pq, loss_ent, loss_pi, q_mean, v_mean])
+            self.metric_sum += m
+            self.metric_count += 1
+        return m
+
+    def pretrain_step(self, data: Transitions, draws: Draws) -> torch.Tensor:
+        """Diffusion net then critic on one batch; no target update, no lr decay."""
+        with torch.no_grad():
+            s, a, r, s2, not_done = data.batch(draws.idx)
+        g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+        self.diffusion_opt.update(g)
+        g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
+            self.cp, s, a, r, s2, not_done)
+        self.critic_opt.update(g)
+        return torch.stack([loss_v, loss_q, loss_bc, q_mean, v_mean]).detach()
+
+    @torch.no_grad()
+    def act(self, states: torch.Tensor, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The spec's acting rule, as ReferenceDTQL.act: R candidates, target critic, softmax draw."""
+        N, R = states.shape[0], eps.shape[1]
+        s_rep = states.repeat_interleave(R, dim=0)
+        cand = self.policy.sample(s_rep, eps.reshape(N * R, -1))
+        q = self.critic_target.q_min(s_rep, cand).reshape(N, R)
+        cdf = torch.softmax(q, dim=1).cumsum(dim=1)
+        idx = (cdf < u[:, None]).sum(dim=1).clamp(max=R - 1)
+        return torch.gather(cand.reshape(N, R, -1), 1, idx[:, None, None].expand(N, 1, cand.shape[-1]))[:, 0]
+
+    # -- host side -----------------------------------------------------------------------------
+
+    def read_metrics(self) -> dict[str, float]:
+        """Mean of each metric since the last read; the one host sync of a log interval."""
+        n = self.metric_count.item()
+        means = (self.metric_sum / max(n, 1.0)).tolist()
+        self.metric_sum.zero_(); self.metric_count.zero_()
+        out = dict(zip(METRICS, means))
+        if self.hyper.gamma == 0:
+            out.pop("loss_ent")
+        return out
+
+    def lrs(self) -> dict[str, float]:
+        return {"lr_critic": self.critic_opt.lr.item(), "lr_diffusion": self.diffusion_opt.lr.item(),
+                "lr_policy": self.policy_opt.lr.item()}
+
+    def modules(self) -> dict:
+        return {"diffusion": self.diffusion, "critic": self.critic, "critic_target": self.critic_target,
+                "policy": self.policy}
+
+    def optimizers(self) -> dict:
+        return {"diffusion": self.diffusion_opt, "critic": self.critic_opt, "policy": self.policy_opt}
+
+    def state_dict(self) -> dict:
+        return {"modules": {k: m.state_dict() for k, m in self.modules().items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "lr_step": self.lr_step}
+
+    def load_state_dict(self, sd: dict):
+        with torch.no_grad():
+            for k, m in self.modules().items():
+                m.load_state_dict(sd["modules"][k])
+            for k, o in self.optimizers().items():
+                o.load_state_dict(sd["optimizers"][k])
+            self.lr_step.copy_(sd["lr_step"])
+
+    def load_weights_from(self, other):
+        """Copy the four networks' weights from another implementation (e.g. ReferenceDTQL)."""
+        with torch.no_grad():
+            for k, m in self.modules().items():
+                m.load_state_dict(other.modules()[k].state_dict())
+
+
+def _sub(params: dict, prefix: str) -> dict:
+    n = len(prefix)
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+# -- runners: eager, compiled, CUDA graph ---------------------------------------------------------
+
+
+class StepRunner:
+    """Draws + one step, as a callable with no arguments: what the training loop calls.
+
+    `mode`: "eager" runs FastDTQL.train_step as Python; "compile" wraps draws + step in
+    torch.compile(fullgraph=True); "cudagraph" (CUDA only) additionally captures the compiled
+    step in a CUDA graph after warm-up and replays it.
+    """
+
+    def __init__(self, agent: FastDTQL, data: Transitions, mode: str = "eager", pretrain: bool = False):
+        h = agent.hyper
+        self.agent, self.data, self.mode = agent, data, mode
+        step = agent.pretrain_step if pretrain else agent.train_step
+
+        def fn():
+            draws = sample_draws(data.n, h.batch_size, agent.action_dim, h.noise_levels, device=agent.device)
+            return step(data, draws)
+
+        self.compile_seconds = 0.0
+        if mode == "eager":
+            self._fn = fn
+        elif mode in ("compile", "cudagraph"):
+            self._fn = compiled = torch.compile(fn, fullgraph=True)  # compiles on the first call
+        else:
+            raise ValueError(f"mode must be eager, compile or cudagraph, got {mode!r}")
+        if mode == "cudagraph":
+            if agent.device.type != "cuda":
+                raise ValueError("cudagraph mode needs a CUDA device")
+            self._fn = CUDAGraphStep(compiled)
+        self._calls = 0
+
+    def __call__(self) -> torch.Tensor:
+        if self._calls == 0 and self.mode != "eager":
+            t0 = time.perf_counter()
+            out = self._fn()
+            if self.agent.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.compile_seconds = time.perf_counter() - t0
+        else:
+            out = self._fn()
+        self._calls += 1
+        return out
+
+
+class CUDAGraphStep:
+    """Replays a step captured in a CUDA graph. Every call is one real step: the first
+    `warmup` calls run the step normally (compilation, allocator warm-up), the next one captures
+    it and then replays it, since capture itself executes nothing.
+
+    Parameters, optimiser states and the dataset are persistent tensors, so their addresses are
+    static; random draws come from the default CUDA generator, whose philox offsets a captured
+    graph advances on each replay (graph-safe RNG).
+    """
+
+    def __init__(self, fn: Callable[[], torch.Tensor], warmup: int = 3):
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None and self.calls < self.warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.calls += 1
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        self.graph.replay()
+        self.calls += 1
+        return self.out

@@ -27,11 +27,12 @@ from torch.func import functional_call, grad
 from . import edm
 from .draws import Draws, sample_draws
 from .nets import Critic, DiffusionNet, GaussianPolicy
+from .profiling.ranges import phase
 from .tasks import Hyper
 from .transitions import Transitions
 
 METRICS = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "loss_policy", "q_mean", "v_mean")
-PRETRAIN_METRICS = ("loss_v", "loss_q", "loss_bc", "q_mean", "v_mean")
+PRETRAIN_METRICS = ("loss_v", "loss_q", "loss_bc", "q_mean", "v_mean")  # what pretraining fills in
 
 
 class Adam:
@@ -46,7 +47,8 @@ class Adam:
         device = self.params[0].device
         self.lr0 = lr
         self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
-        self.step = torch.zeros((), dtype=torch.float32, device=device)
+        # float64: 1 - 0.999**t in float32 loses ~1e-5 of its value to cancellation at small t.
+        self.step = torch.zeros((), dtype=torch.float64, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
@@ -57,8 +59,8 @@ class Adam:
         torch._foreach_lerp_(self.exp_avg, g, 1 - self.beta1)
         torch._foreach_mul_(self.exp_avg_sq, self.beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - self.beta2)
-        bc1 = 1 - torch.pow(self.beta1, self.step)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(self.beta2, self.step))
+        bc1 = (1 - torch.pow(self.beta1, self.step)).float()
+        bc2_sqrt = torch.sqrt(1 - torch.pow(self.beta2, self.step)).float()
         denom = torch._foreach_sqrt(self.exp_avg_sq)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, self.eps)
@@ -118,7 +120,7 @@ class FastDTQL:
     def _edm_loss_fn(self, dp, x, s, sigma, noise):
         K = sigma.shape[1]
         x_in, t = self._edm_prepare(x, sigma, noise)
-        s_rep = s if K == 1 else s.repeat_interleave(K, dim=0)
+        s_rep = s if K == 1 else s[:, None].expand(-1, K, -1).reshape(-1, s.shape[-1])
         F = functional_call(self.diffusion, dp, (x_in, s_rep, t))
         return self._edm_loss(F, x, sigma, noise, self.hyper.max_action)
 
@@ -166,30 +168,35 @@ class FastDTQL:
     def train_step(self, data: Transitions, draws: Draws) -> torch.Tensor:
         """One DTQL step. Returns the step's metrics as one device tensor (ordered as METRICS)."""
         h = self.hyper
-        with torch.no_grad():
+        with phase("sample"), torch.no_grad():
             s, a, r, s2, not_done = data.batch(draws.idx)
         # 1. critic (IQL), online critic
-        g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
-            self.cp, s, a, r, s2, not_done)
-        self.critic_opt.update(g)
+        with phase("critic"):
+            g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
+                self.cp, s, a, r, s2, not_done)
+            self.critic_opt.update(g)
         # 2. behaviour cloning
-        g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
-        self.diffusion_opt.update(g)
+        with phase("behaviour_cloning"):
+            g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+            self.diffusion_opt.update(g)
         # 3. policy, against the critic and diffusion net as just updated
-        g, (loss_tr, loss_pq, loss_ent, loss_pi) = grad(self._policy_loss, has_aux=True)(
-            self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
-        self.policy_opt.update(g)
-        with torch.no_grad():
-            # 4. critic target soft update
+        with phase("policy"):
+            g, (loss_tr, loss_pq, loss_ent, loss_pi) = grad(self._policy_loss, has_aux=True)(
+                self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
+            self.policy_opt.update(g)
+        # 4. critic target soft update
+        with phase("target_update"), torch.no_grad():
             tp, cp = list(self.tp.values()), list(self.cp.values())
             torch._foreach_mul_(tp, 1.0 - h.tau)
             torch._foreach_add_(tp, cp, alpha=h.tau)
-            # 5. cosine learning-rate decay, on the device
+        # 5. cosine learning-rate decay, on the device
+        with phase("lr_decay"), torch.no_grad():
             if h.lr_decay:
                 self.lr_step += 1
                 f = 0.5 * (1.0 + torch.cos(math.pi * self.lr_step / h.total_steps))
                 for opt in (self.critic_opt, self.diffusion_opt, self.policy_opt):
                     opt.lr.copy_(opt.lr0 * f)
+        with torch.no_grad():
             m = torch.stack([loss_v, loss_q, loss_bc, loss_tr, loss_pq, loss_ent, loss_pi, q_mean, v_mean])
             self.metric_sum += m
             self.metric_count += 1
@@ -197,20 +204,27 @@ class FastDTQL:
 
     def pretrain_step(self, data: Transitions, draws: Draws) -> torch.Tensor:
         """Diffusion net then critic on one batch; no target update, no lr decay."""
-        with torch.no_grad():
+        with phase("sample"), torch.no_grad():
             s, a, r, s2, not_done = data.batch(draws.idx)
-        g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
-        self.diffusion_opt.update(g)
-        g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
-            self.cp, s, a, r, s2, not_done)
-        self.critic_opt.update(g)
-        return torch.stack([loss_v, loss_q, loss_bc, q_mean, v_mean]).detach()
+        with phase("behaviour_cloning"):
+            g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+            self.diffusion_opt.update(g)
+        with phase("critic"):
+            g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
+                self.cp, s, a, r, s2, not_done)
+            self.critic_opt.update(g)
+        with torch.no_grad():
+            zero = torch.zeros((), device=s.device)  # the policy's metrics: no policy step here
+            m = torch.stack([loss_v, loss_q, loss_bc, zero, zero, zero, zero, q_mean, v_mean])
+            self.metric_sum += m
+            self.metric_count += 1
+        return m
 
     @torch.no_grad()
     def act(self, states: torch.Tensor, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The spec's acting rule, as ReferenceDTQL.act: R candidates, target critic, softmax draw."""
         N, R = states.shape[0], eps.shape[1]
-        s_rep = states.repeat_interleave(R, dim=0)
+        s_rep = states[:, None].expand(-1, R, -1).reshape(N * R, -1)
         cand = self.policy.sample(s_rep, eps.reshape(N * R, -1))
         q = self.critic_target.q_min(s_rep, cand).reshape(N, R)
         cdf = torch.softmax(q, dim=1).cumsum(dim=1)
@@ -219,15 +233,13 @@ class FastDTQL:
 
     # -- host side -----------------------------------------------------------------------------
 
-    def read_metrics(self) -> dict[str, float]:
+    def read_metrics(self, pretrain: bool = False) -> dict[str, float]:
         """Mean of each metric since the last read; the one host sync of a log interval."""
         n = self.metric_count.item()
         means = (self.metric_sum / max(n, 1.0)).tolist()
         self.metric_sum.zero_(); self.metric_count.zero_()
-        out = dict(zip(METRICS, means))
-        if self.hyper.gamma == 0:
-            out.pop("loss_ent")
-        return out
+        keep = PRETRAIN_METRICS if pretrain else [k for k in METRICS if k != "loss_ent" or self.hyper.gamma]
+        return {k: v for k, v in zip(METRICS, means) if k in keep}
 
     def lrs(self) -> dict[str, float]:
         return {"lr_critic": self.critic_opt.lr.item(), "lr_diffusion": self.diffusion_opt.lr.item(),
@@ -243,7 +255,7 @@ class FastDTQL:
     def state_dict(self) -> dict:
         return {"modules": {k: m.state_dict() for k, m in self.modules().items()},
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
-                "lr_step": self.lr_step}
+                "lr_step": self.lr_step, "metric_sum": self.metric_sum, "metric_count": self.metric_count}
 
     def load_state_dict(self, sd: dict):
         with torch.no_grad():
@@ -252,6 +264,7 @@ class FastDTQL:
             for k, o in self.optimizers().items():
                 o.load_state_dict(sd["optimizers"][k])
             self.lr_step.copy_(sd["lr_step"])
+            self.metric_sum.copy_(sd["metric_sum"]); self.metric_count.copy_(sd["metric_count"])
 
     def load_weights_from(self, other):
         """Copy the four networks' weights from another implementation (e.g. ReferenceDTQL)."""
@@ -282,7 +295,8 @@ class StepRunner:
         step = agent.pretrain_step if pretrain else agent.train_step
 
         def fn():
-            draws = sample_draws(data.n, h.batch_size, agent.action_dim, h.noise_levels, device=agent.device)
+            with phase("sample"):
+                draws = sample_draws(data.n, h.batch_size, agent.action_dim, h.noise_levels, device=agent.device)
             return step(data, draws)
 
         self.compile_seconds = 0.0
@@ -299,6 +313,10 @@ class StepRunner:
         self._calls = 0
 
     def __call__(self) -> torch.Tensor:
+        with phase("step"):
+            return self._call()
+
+    def _call(self) -> torch.Tensor:
         if self._calls == 0 and self.mode != "eager":
             t0 = time.perf_counter()
             out = self._fn()

@@ -1,8 +1,16 @@
+import os
+
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter, chosen when a kernel is defined.
+if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E701
+
 
 def pytest_configure(config):
+    # The tests' tensors are small: a second intra-op thread costs more in sync than it saves,
+    # and on a loaded 2-core machine it makes every small op wait for the other core.
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 

@@ -1,0 +1,218 @@
+"""The fast step against the reference, and the structure that makes it fast.
+
+Tolerances (fp32, CPU):
+- one step from identical weights and draws: every loss within rtol 1e-5 (atol 1e-6); at least
+  99.9% of the weights of every tensor (all but 2, for small ones) within 1e-6 absolute, and none off by more than 5% of one
+  Adam step (0.05 * lr). Adam's first steps move each weight by about lr * g / (|g| + 1e-8), so
+  a gradient at round-off level (|g| ~ 1e-8) turns a 1e-7 difference in g into a visible
+  fraction of a step; that is the only reason for the second bound.
+- 200 steps from the same start with the same draws: losses within 1e-3 relative, parameters
+  within 1e-3 of their scale (differences grow from round-off through Adam).
+- 1000 steps: the running means of the losses over the last 500 steps agree within 1%.
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtql_fast.draws import sample_draws
+from dtql_fast.reference import ReferenceDTQL
+from dtql_fast.tasks import TASKS, Hyper
+from dtql_fast.transitions import Transitions
+from dtql_fast.update import METRICS, PRETRAIN_METRICS, Adam, FastDTQL, StepRunner
+
+LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_policy")
+
+
+def _data(S, A, N=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Transitions(torch.randn(N, S, generator=g), torch.rand(N, A, generator=g) * 2 - 1,
+                       torch.randn(N, 1, generator=g), torch.randn(N, S, generator=g),
+                       (torch.rand(N, 1, generator=g) > 0.1).float())
+
+
+def _pair(S, A, h, seed=0):
+    torch.manual_seed(seed)
+    ref = ReferenceDTQL(S, A, h)
+    fast = FastDTQL(S, A, h)
+    fast.load_weights_from(ref)
+    return ref, fast
+
+
+def _check_losses(mr, mf, rtol, atol, keys=LOSSES, order=METRICS):
+    for k in keys:
+        got, want = mf[order.index(k)].item(), mr[k].item()
+        assert got == pytest.approx(want, rel=rtol, abs=atol), k
+
+
+def _check_params(ref, fast, atol, lr):
+    """All but 0.1% (or 2) of the weights within atol; none off by more than 5% of one Adam step."""
+    for name, m in ref.modules().items():
+        for (k, p), q in zip(m.named_parameters(), fast.modules()[name].parameters()):
+            diff = (q - p.detach()).abs()
+            assert diff.max().item() <= 0.05 * lr, f"{name}.{k}: max diff {diff.max().item():.3g}"
+            n_off = int((diff > atol).sum())
+            assert n_off <= max(2, 1e-3 * diff.numel()), f"{name}.{k}: {n_off} weights differ by more than {atol}"
+
+
+def test_adam_matches_torch_adam():
+    torch.manual_seed(0)
+    p = {"w": torch.randn(7, 5), "b": torch.randn(5)}
+    tp = [torch.nn.Parameter(v.clone()) for v in p.values()]
+    ours, theirs = Adam(p, 1e-2), torch.optim.Adam(tp, lr=1e-2)
+    for _ in range(5):
+        grads = {k: torch.randn_like(v) for k, v in p.items()}
+        for t, g in zip(tp, grads.values()):
+            t.grad = g.clone()
+        ours.update(grads)
+        theirs.step()
+    for a, b in zip(p.values(), tp):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("task", ["walker2d-medium-v2", "hopper-medium-v2", "antmaze-umaze-v0"])
+def test_one_step_eager_matches_reference(task):
+    """Walker shapes (decay on, gamma 0) and antmaze shapes (gamma 1, batch 2048)."""
+    h = TASKS[task].hyper.replace(steps_per_epoch=10, epochs=1)
+    S, A = {"walker2d-medium-v2": (17, 6), "hopper-medium-v2": (11, 3), "antmaze-umaze-v0": (29, 8)}[task]
+    ref, fast = _pair(S, A, h)
+    data = _data(S, A, N=4096)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        d = sample_draws(data.n, h.batch_size, A, generator=g)
+        mr, mf = ref.train_step(data, d), fast.train_step(data, d)
+        _check_losses(mr, mf, 1e-5, 1e-6)
+        if h.gamma:
+            assert mf[METRICS.index("loss_ent")].item() == pytest.approx(mr["loss_ent"].item(), rel=1e-5)
+    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+    assert fast.lrs()["lr_policy"] == pytest.approx(ref.policy_opt.param_groups[0]["lr"], rel=1e-6)
+
+
+def test_pretrain_step_matches_reference():
+    h = Hyper(alpha=5, gamma=0, lr=3e-4, lr_decay=True, epochs=1, steps_per_epoch=10, hidden=64)
+    ref, fast = _pair(17, 6, h)
+    data = _data(17, 6)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        d = sample_draws(data.n, 256, 6, generator=g)
+        mr, mf = ref.pretrain_step(data, d), fast.pretrain_step(data, d)
+        _check_losses(mr, mf, 1e-5, 1e-6, keys=PRETRAIN_METRICS[:3])
+    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+    assert fast.lrs()["lr_critic"] == pytest.approx(3e-4, rel=1e-7) and fast.lr_step.item() == 0
+
+
+def test_act_matches_reference():
+    h = Hyper(alpha=5, gamma=0, lr=3e-4, lr_decay=False, epochs=1, hidden=64)
+    ref, fast = _pair(17, 6, h)
+    states, eps, u = torch.randn(5, 17), torch.randn(5, 1024, 6), torch.rand(5)
+    torch.testing.assert_close(fast.act(states, eps, u), ref.act(states, eps, u), rtol=0, atol=0)
+
+
+def test_long_trajectories_agree():
+    """200 steps: trajectories stay close; 1000 steps: running means agree. Small nets keep CI fast."""
+    h = Hyper(alpha=5, gamma=1, lr=3e-4, lr_decay=True, epochs=1, steps_per_epoch=1000, batch_size=64,
+              hidden=64)
+    ref, fast = _pair(11, 3, h)
+    data = _data(11, 3)
+    g = torch.Generator().manual_seed(3)
+    hist_r, hist_f = [], []
+    for i in range(1000):
+        d = sample_draws(data.n, h.batch_size, 3, generator=g)
+        mr, mf = ref.train_step(data, d), fast.train_step(data, d)
+        hist_r.append([mr[k].item() for k in LOSSES])
+        hist_f.append([mf[METRICS.index(k)].item() for k in LOSSES])
+        if i == 199:
+            r, f = torch.tensor(hist_r), torch.tensor(hist_f)
+            torch.testing.assert_close(f, r, rtol=1e-3, atol=1e-4)
+            for name, m in ref.modules().items():
+                for p, q in zip(m.parameters(), fast.modules()[name].parameters()):
+                    assert (p.detach() - q).abs().max() <= 1e-3 * max(p.abs().max().item(), 1.0)
+    r, f = torch.tensor(hist_r[500:]).mean(0), torch.tensor(hist_f[500:]).mean(0)
+    torch.testing.assert_close(f, r, rtol=1e-2, atol=1e-3)
+
+
+# -- the compiled step --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled_pair():
+    """One compiled step, shared: compiling costs tens of seconds on 2 cores."""
+    h = TASKS["walker2d-medium-v2"].hyper.replace(steps_per_epoch=10, epochs=1)
+    ref, fast = _pair(17, 6, h)
+    torch._dynamo.reset()
+    step = torch.compile(fast.train_step, fullgraph=True)
+    return ref, fast, step, _data(17, 6, N=4096)
+
+
+def test_compiled_step_matches_reference(compiled_pair):
+    ref, fast, step, data = compiled_pair
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        d = sample_draws(data.n, 256, 6, generator=g)
+        mr, mf = ref.train_step(data, d), step(data, d)
+        _check_losses(mr, mf, 1e-5, 1e-5)
+    _check_params(ref, fast, atol=1e-6, lr=3e-4)
+
+
+def test_compiled_step_never_recompiles(compiled_pair):
+    ref, fast, step, data = compiled_pair
+    from torch._dynamo.utils import counters
+    step(data, sample_draws(data.n, 256, 6))  # compiled already by the test above, or now
+    frames = dict(counters["stats"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            fast.policy_opt.lr.fill_(1e-4)  # a changed lr is data, not a new graph
+            step(data, sample_draws(data.n, 256, 6))
+    assert dict(counters["stats"]).get("unique_graphs") == frames.get("unique_graphs")
+
+
+def test_whole_step_is_one_graph():
+    """fullgraph=True refuses graph breaks; explain() also counts them, for a readable failure."""
+    h = Hyper(alpha=1, gamma=1, lr=3e-4, lr_decay=True, epochs=1, batch_size=32, hidden=32)
+    fast = FastDTQL(5, 2, h)
+    data = _data(5, 2, N=100)
+    d = sample_draws(data.n, 32, 2)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fast.train_step)(data, d)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that make the host wait for the device: reading a value back, or data-dependent shapes.
+HOST_SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero",
+                 "aten.masked_select", "aten.equal", "aten.allclose", "aten.unique", "aten._unique2",
+                 "aten.repeat_interleave"}
+
+
+@pytest.mark.parametrize("gamma,decay", [(0.0, True), (1.0, False)])
+def test_step_dispatches_no_host_sync(gamma, decay):
+    h = Hyper(alpha=1, gamma=gamma, lr=3e-4, lr_decay=decay, epochs=1, batch_size=32, hidden=32, noise_levels=2)
+    fast = FastDTQL(5, 2, h)
+    data = _data(5, 2, N=100)
+    rec = _OpRecorder()
+    with rec:
+        runner = StepRunner(fast, data, mode="eager")
+        runner()
+        StepRunner(fast, data, mode="eager", pretrain=True)()
+    assert rec.ops, "the recorder saw nothing"
+    assert "aten.mm" in rec.ops or "aten.addmm" in rec.ops
+    assert not (rec.ops & HOST_SYNC_OPS), rec.ops & HOST_SYNC_OPS
+
+
+def test_noise_levels_k4_step_runs_and_accumulates_metrics():
+    h = Hyper(alpha=1, gamma=0, lr=3e-4, lr_decay=False, epochs=1, batch_size=16, hidden=32, noise_levels=4)
+    fast = FastDTQL(5, 2, h)
+    data = _data(5, 2, N=100)
+    m = StepRunner(fast, data)()
+    assert torch.isfinite(m).all()
+    assert fast.metric_count.item() == 1

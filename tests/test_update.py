@@ -89,6 +89,20 @@ def test_one_step_eager_matches_reference(task):
     assert fast.lrs()["lr_policy"] == pytest.approx(ref.policy_opt.param_groups[0]["lr"], rel=1e-6)
 
 
+def test_one_step_with_kernel_ops_matches_reference():
+    """kernels='triton' routes both EDM losses through the dtql:: ops (CPU impl here). The ops use a
+    better-conditioned form of (D - x) / c_out, so agreement is to round-off, not bit for bit."""
+    h = TASKS["walker2d-medium-v2"].hyper.replace(steps_per_epoch=10, epochs=1)
+    ref, fast = _pair(17, 6, h)
+    fast.set_kernels("triton")
+    data = _data(17, 6, N=4096)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        d = sample_draws(data.n, 256, 6, generator=g)
+        _check_losses(ref.train_step(data, d), fast.train_step(data, d), 1e-5, 1e-6)
+    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+
+
 def test_pretrain_step_matches_reference():
     h = Hyper(alpha=5, gamma=0, lr=3e-4, lr_decay=True, epochs=1, steps_per_epoch=10, hidden=64)
     ref, fast = _pair(17, 6, h)
@@ -166,10 +180,12 @@ def test_compiled_step_never_recompiles(compiled_pair):
     assert dict(counters["stats"]).get("unique_graphs") == frames.get("unique_graphs")
 
 
-def test_whole_step_is_one_graph():
-    """fullgraph=True refuses graph breaks; explain() also counts them, for a readable failure."""
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_whole_step_is_one_graph(kernels):
+    """fullgraph=True refuses graph breaks; explain() also counts them, for a readable failure.
+    With kernels='triton' the dtql:: custom ops sit inside the graph (their CPU impl runs here)."""
     h = Hyper(alpha=1, gamma=1, lr=3e-4, lr_decay=True, epochs=1, batch_size=32, hidden=32)
-    fast = FastDTQL(5, 2, h)
+    fast = FastDTQL(5, 2, h, kernels=kernels)
     data = _data(5, 2, N=100)
     d = sample_draws(data.n, 32, 2)
     torch._dynamo.reset()

@@ -47,8 +47,7 @@ class Adam:
         device = self.params[0].device
         self.lr0 = lr
         self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
-        # float64: 1 - 0.999**t in float32 loses ~1e-5 of its value to cancellation at small t.
-        self.step = torch.zeros((), dtype=torch.float64, device=device)
+        self.step = torch.zeros((), dtype=torch.float32, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
@@ -59,8 +58,10 @@ class Adam:
         torch._foreach_lerp_(self.exp_avg, g, 1 - self.beta1)
         torch._foreach_mul_(self.exp_avg_sq, self.beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - self.beta2)
-        bc1 = (1 - torch.pow(self.beta1, self.step)).float()
-        bc2_sqrt = torch.sqrt(1 - torch.pow(self.beta2, self.step)).float()
+        # 1 - beta**t as -expm1(t ln beta): in float32, 1 - 0.999**t loses ~1e-5 of its value to
+        # cancellation at small t. (A float64 step instead makes dynamo guard on its value.)
+        bc1 = -torch.expm1(self.step * math.log(self.beta1))
+        bc2_sqrt = torch.sqrt(-torch.expm1(self.step * math.log(self.beta2)))
         denom = torch._foreach_sqrt(self.exp_avg_sq)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, self.eps)

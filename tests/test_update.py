@@ -180,6 +180,18 @@ def test_compiled_step_never_recompiles(compiled_pair):
     assert dict(counters["stats"]).get("unique_graphs") == frames.get("unique_graphs")
 
 
+def test_compiled_call_reads_nothing_back(compiled_pair):
+    """A compiled call, guards included, must not read a tensor value back to the host: a guard
+    on a 0-dim tensor's value (dynamo adds one for float64 scalars) would sync CUDA every step."""
+    ref, fast, step, data = compiled_pair
+    step(data, sample_draws(data.n, 256, 6))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(data, sample_draws(data.n, 256, 6))
+    names = {e.key for e in prof.key_averages()}
+    assert any("Torch-Compiled Region" in n or "CompiledFxGraph" in n for n in names), names
+    assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_whole_step_is_one_graph(kernels):
     """fullgraph=True refuses graph breaks; explain() also counts them, for a readable failure.

@@ -35,6 +35,7 @@ class TrainConfig:
     resume: str | None = None
     compile: bool = False
     kernels: str = "auto"
+    threads: int | None = None
     eval_episodes: int | None = None
     log_every: int = 250
     profile_steps: str | None = None
@@ -58,20 +59,30 @@ class TrainConfig:
         return base.replace(**over)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one to show (not None, not a bare switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(
         prog="python -m dtql_fast.train",
         description="Train DTQL (Diffusion Trusted Q-Learning) on a D4RL task or a Minari dataset. "
                     "With no arguments: build a small offline Reacher dataset and train on it (minutes on a CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--task", default=OFFLINE_DATASET_ID,
       help="a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari dataset id "
            "(e.g. mujoco/walker2d/medium-v0)")
     a("--dataset", help="path to the D4RL HDF5 file (default: the D4RL cache, ~/.d4rl/datasets); "
                         "for a Minari id, the Minari datasets folder")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds weights, batches, noise and evaluation")
     a("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>)")
     a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run")
     a("--compile", action="store_true",
@@ -185,6 +196,8 @@ def _set_rng_state(state: dict, device: torch.device):
 
 def train(cfg: TrainConfig) -> dict:
     device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     resumed = checkpoint.load(cfg.resume, map_location=device) if cfg.resume else None
     if resumed is not None:
         saved = TrainConfig(**resumed["config"])
@@ -192,7 +205,7 @@ def train(cfg: TrainConfig) -> dict:
             checkpoint.check_compatible(resumed, cfg.task, {}, where=f"checkpoint in {cfg.resume}")
         # The run's identity comes from the checkpoint; where and how fast it runs from the CLI.
         run_dir = Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
-        cfg = dataclasses.replace(saved, resume=cfg.resume, device=cfg.device, compile=cfg.compile,
+        cfg = dataclasses.replace(saved, resume=cfg.resume, device=cfg.device, compile=cfg.compile, threads=cfg.threads,
                                   kernels=cfg.kernels, out=cfg.out or str(run_dir),
                                   epochs=cfg.epochs or saved.epochs, profile_steps=cfg.profile_steps)
     torch.manual_seed(cfg.seed)

@@ -3,9 +3,9 @@
 Read `FastDTQL.train_step` from top to bottom: it is the algorithm of
 ../shared/spec/dtql-reference.md, in the spec's order. What makes it fast:
 
-- Gradients come from `torch.func.grad` over exactly the parameters being updated,
-  so the policy step computes no gradients for the critic's or the diffusion net's weights, and
-  the whole step (three backward passes and three Adam steps) traces as one graph:
+- Gradients are taken over exactly the parameters being updated, so the policy step computes
+  no gradients for the critic's or the diffusion net's weights. Traced, they come from
+  `torch.func.grad`, so the whole step (three backward passes and three Adam steps) is one graph:
   `torch.compile(fullgraph=True)` cannot trace `Tensor.backward()` or `Optimizer.zero_grad`.
 - Adam is written with foreach ops on device tensors (lr, step counts), so nothing is read
   back to the host, a changing learning rate never recompiles, and a CUDA graph can replay it.
@@ -173,17 +173,16 @@ class FastDTQL:
             s, a, r, s2, not_done = data.batch(draws.idx)
         # 1. critic (IQL), online critic
         with phase("critic"):
-            g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
-                self.cp, s, a, r, s2, not_done)
+            g, (loss_v, loss_q, q_mean, v_mean) = _grad(self._critic_loss, self.cp, s, a, r, s2, not_done)
             self.critic_opt.update(g)
         # 2. behaviour cloning
         with phase("behaviour_cloning"):
-            g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+            g, loss_bc = _grad(self._bc_loss, self.dp, s, a, draws.sigma_bc, draws.noise_bc)
             self.diffusion_opt.update(g)
         # 3. policy, against the critic and diffusion net as just updated
         with phase("policy"):
-            g, (loss_tr, loss_pq, loss_ent, loss_pi) = grad(self._policy_loss, has_aux=True)(
-                self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
+            g, (loss_tr, loss_pq, loss_ent, loss_pi) = _grad(
+                self._policy_loss, self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
             self.policy_opt.update(g)
         # 4. critic target soft update
         with phase("target_update"), torch.no_grad():
@@ -208,11 +207,10 @@ class FastDTQL:
         with phase("sample"), torch.no_grad():
             s, a, r, s2, not_done = data.batch(draws.idx)
         with phase("behaviour_cloning"):
-            g, loss_bc = grad(self._bc_loss, has_aux=True)(self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+            g, loss_bc = _grad(self._bc_loss, self.dp, s, a, draws.sigma_bc, draws.noise_bc)
             self.diffusion_opt.update(g)
         with phase("critic"):
-            g, (loss_v, loss_q, q_mean, v_mean) = grad(self._critic_loss, has_aux=True)(
-                self.cp, s, a, r, s2, not_done)
+            g, (loss_v, loss_q, q_mean, v_mean) = _grad(self._critic_loss, self.cp, s, a, r, s2, not_done)
             self.critic_opt.update(g)
         with torch.no_grad():
             zero = torch.zeros((), device=s.device)  # the policy's metrics: no policy step here
@@ -272,6 +270,22 @@ class FastDTQL:
         with torch.no_grad():
             for k, m in self.modules().items():
                 m.load_state_dict(other.modules()[k].state_dict())
+
+
+def _grad(loss_fn, params: dict, *args):
+    """(d loss / d params, aux) for loss_fn(params, *args) -> (loss, aux).
+
+    Traced: torch.func.grad, which dynamo compiles into the step's one graph. Eager: plain
+    autograd on detached leaves, the same math without functorch's per-op wrapping (about 1.5x
+    faster eagerly on CPU). Only `params` are differentiated; everything closed over is constant.
+    """
+    if torch.compiler.is_compiling():
+        return grad(loss_fn, has_aux=True)(params, *args)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        loss, aux = loss_fn(leaves, *args)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads)), tuple(x.detach() for x in aux) if isinstance(aux, tuple) else aux.detach()
 
 
 def _sub(params: dict, prefix: str) -> dict:

@@ -18,13 +18,15 @@ __all__ = ["evaluate", "make_act_fn"]
 
 
 def make_act_fn(act: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], action_dim: int,
-                num_candidates: int = 1024, device="cpu",
-                generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                num_candidates: int = 1024, device="cpu", generator: torch.Generator | None = None,
+                pad_to: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """act_fn(states (N, S) float32, any device) -> actions (N, A) on `device`.
 
     `act(states, eps, u)` is the agent's acting rule (FastDTQL.act or ReferenceDTQL.act). Per call:
     eps = randn((N, R, A)), then u = rand((N,)), both from `generator` (on `device`; None: torch's
-    default generator for that device).
+    default generator for that device). With `pad_to`, every call acts on exactly pad_to rows
+    (states zero-padded, the padding's actions dropped), so a compiled `act` sees one shape as
+    episodes end and never recompiles.
     """
     R = int(num_candidates)
 
@@ -32,9 +34,11 @@ def make_act_fn(act: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
     def act_fn(states: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(states).to(device=device, dtype=torch.float32)
         N = s.shape[0]
-        eps = torch.randn((N, R, action_dim), generator=generator, device=device)
-        u = torch.rand((N,), generator=generator, device=device)
-        return act(s, eps, u)
+        if pad_to is not None:
+            s = torch.cat([s, s.new_zeros(pad_to - N, s.shape[1])])
+        eps = torch.randn((s.shape[0], R, action_dim), generator=generator, device=device)
+        u = torch.rand((s.shape[0],), generator=generator, device=device)
+        return act(s, eps, u)[:N]
 
     return act_fn
 

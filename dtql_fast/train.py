@@ -194,6 +194,11 @@ def _set_rng_state(state: dict, device: torch.device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def train(cfg: TrainConfig) -> dict:
     device = _device(cfg.device)
     if cfg.threads:
@@ -262,9 +267,12 @@ def train(cfg: TrainConfig) -> dict:
             "hyper": dataclasses.asdict(hyper), "agent": agent.state_dict(), "step": step,
             "rng": _rng_state(device)})
 
+    act_rule = torch.compile(agent.act, fullgraph=True) if cfg.compile else agent.act
+
     def run_eval(step: int) -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        act = make_act_fn(agent.act, data.action_dim, hyper.num_candidates, device, g)
+        act = make_act_fn(act_rule, data.action_dim, hyper.num_candidates, device, g,
+                          pad_to=eval_episodes if cfg.compile else None)
         with phase("evaluate"):
             res = evaluate(act, loaded.make_env, eval_episodes, seed=cfg.seed * 10_000 + 1000, task=task)
         res = {"step": step, "epoch": (step - pre_total) // spe, **res}
@@ -275,6 +283,7 @@ def train(cfg: TrainConfig) -> dict:
                    f"{score} | {eval_episodes} episodes in {res['wall_s']:.1f}s")
         return res
 
+    graphs_before = _compiled_graphs()
     profile = ProfileWindow(cfg.profile_steps, device, out)
     bar = tqdm(total=total, initial=start, desc="pretrain" if start < pre_total else "train",
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
@@ -330,6 +339,11 @@ def train(cfg: TrainConfig) -> dict:
     log.close()
     plot_curves(out)
     summary = {"task": cfg.task, "steps": step, "out": str(out)}
+    if cfg.compile:
+        # One graph each for pretraining, training and acting; more would mean recompilation.
+        summary["compiled_graphs"] = _compiled_graphs() - graphs_before
+        print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
+              "more would mean a recompile)")
     if last_eval is not None:
         summary.update(return_mean=last_eval["return_mean"], return_std=last_eval["return_std"],
                        score_mean=last_eval["score_mean"], score_std=last_eval["score_std"],

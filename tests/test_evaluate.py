@@ -157,3 +157,17 @@ def test_eval_reproducible_and_normalised():
 def test_eval_rejects_bad_action_shape():
     with pytest.raises(ValueError, match="shape"):
         evaluate(lambda s: torch.zeros(s.shape[0], 3), _toy, 2, 0, None)
+
+
+def test_padded_act_fn_gives_one_shape_and_the_live_rows():
+    seen = []
+
+    def act(s, eps, u):
+        seen.append(tuple(s.shape))
+        return s[:, :2] * 2
+
+    fn = make_act_fn(act, 2, 8, "cpu", torch.Generator().manual_seed(0), pad_to=5)
+    for n in (5, 3, 1):
+        states = torch.arange(n * 4, dtype=torch.float32).reshape(n, 4)
+        torch.testing.assert_close(fn(states), states[:, :2] * 2)
+    assert seen == [(5, 4)] * 3

@@ -1,5 +1,6 @@
 """The train CLI end to end on the offline Reacher data, resume equality, checkpoint safety."""
 import json
+import math
 
 import pytest
 import torch
@@ -43,6 +44,18 @@ def test_cli_end_to_end(tmp_path, capsys):
     ck = checkpoint.load(out)
     assert ck["step"] == 36 and ck["task"] == "dtql_fast/reacher/scripted-v0"
     assert set(ck["agent"]["modules"]) == {"diffusion", "critic", "critic_target", "policy"}
+
+
+def test_cli_compiled_end_to_end(tmp_path, capsys):
+    """--compile: one graph each for pretraining, training and acting, over two evaluations."""
+    torch._dynamo.reset()
+    summary = _run(tmp_path, "--compile", "--lr-decay")
+    text = capsys.readouterr().out
+    assert "compiled the pretraining step in" in text and "compiled the training step in" in text
+    assert summary["compiled_graphs"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(math.isfinite(r["loss_policy"]) for r in rows if r["kind"] == "train" and r["phase"] == "train")
+    assert len([r for r in rows if r["kind"] == "eval"]) == 2
 
 
 def _stop_at(monkeypatch, n):

@@ -46,9 +46,11 @@ def _check_losses(mr, mf, rtol, atol, keys=LOSSES, order=METRICS):
         assert got == pytest.approx(want, rel=rtol, abs=atol), k
 
 
-def _check_params(ref, fast, atol, lr):
-    """All but 0.1% (or 2) of the weights within atol; none off by more than 5% of one Adam step."""
+def _check_params(ref, fast, atol, h):
+    """All but 0.1% (or 2) of the weights within atol; none off by more than 5% of one Adam step
+    of that network (the critic and its target step with critic_lr, the others with lr)."""
     for name, m in ref.modules().items():
+        lr = h.critic_lr if name.startswith("critic") else h.lr
         for (k, p), q in zip(m.named_parameters(), fast.modules()[name].parameters()):
             diff = (q - p.detach()).abs()
             assert diff.max().item() <= 0.05 * lr, f"{name}.{k}: max diff {diff.max().item():.3g}"
@@ -85,7 +87,7 @@ def test_one_step_eager_matches_reference(task):
         _check_losses(mr, mf, 1e-5, 1e-6)
         if h.gamma:
             assert mf[METRICS.index("loss_ent")].item() == pytest.approx(mr["loss_ent"].item(), rel=1e-5)
-    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+    _check_params(ref, fast, atol=1e-6, h=h)
     assert fast.lrs()["lr_policy"] == pytest.approx(ref.policy_opt.param_groups[0]["lr"], rel=1e-6)
 
 
@@ -100,7 +102,7 @@ def test_one_step_with_kernel_ops_matches_reference():
     for _ in range(2):
         d = sample_draws(data.n, 256, 6, generator=g)
         _check_losses(ref.train_step(data, d), fast.train_step(data, d), 1e-5, 1e-6)
-    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+    _check_params(ref, fast, atol=1e-6, h=h)
 
 
 def test_pretrain_step_matches_reference():
@@ -112,7 +114,7 @@ def test_pretrain_step_matches_reference():
         d = sample_draws(data.n, 256, 6, generator=g)
         mr, mf = ref.pretrain_step(data, d), fast.pretrain_step(data, d)
         _check_losses(mr, mf, 1e-5, 1e-6, keys=PRETRAIN_METRICS[:3])
-    _check_params(ref, fast, atol=1e-6, lr=h.lr)
+    _check_params(ref, fast, atol=1e-6, h=h)
     assert fast.lrs()["lr_critic"] == pytest.approx(3e-4, rel=1e-7) and fast.lr_step.item() == 0
 
 
@@ -165,7 +167,7 @@ def test_compiled_step_matches_reference(compiled_pair):
         d = sample_draws(data.n, 256, 6, generator=g)
         mr, mf = ref.train_step(data, d), step(data, d)
         _check_losses(mr, mf, 1e-5, 1e-5)
-    _check_params(ref, fast, atol=1e-6, lr=3e-4)
+    _check_params(ref, fast, atol=1e-6, h=ref.hyper)
 
 
 def test_compiled_step_never_recompiles(compiled_pair):

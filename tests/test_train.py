@@ -24,7 +24,7 @@ def _run(tmp_path, *extra, name="run"):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    summary = _run(tmp_path, "--lr-decay")
+    summary = _run(tmp_path, "--lr-decay", "--profile-steps", "13:15")
     out = tmp_path / "run"
     text = capsys.readouterr().out
     assert "final: dtql_fast/reacher/scripted-v0 | return" in text and "normalised score" in text
@@ -41,6 +41,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert len((out / "eval.csv").read_text().splitlines()) == 3
     png = (out / "learning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = (out / "trace_steps_13_15.json").read_text()  # CPU: a Chrome trace of steps 13 and 14
+    for name in ("step", "sample", "critic", "behaviour_cloning", "policy", "target_update", "lr_decay"):
+        assert f'"name": "{name}"' in trace, name
     ck = checkpoint.load(out)
     assert ck["step"] == 36 and ck["task"] == "dtql_fast/reacher/scripted-v0"
     assert set(ck["agent"]["modules"]) == {"diffusion", "critic", "critic_target", "policy"}

@@ -161,5 +161,5 @@ DEFAULT_HYPER = Hyper(alpha=5.0, gamma=0.0, lr=3e-4, lr_decay=False, epochs=1000
 
 # The offline demo (python -m dtql_fast.train with no arguments): a Reacher dataset built in
 # seconds, trained and evaluated in a few minutes on 2 CPU cores.
-OFFLINE_DEMO_HYPER = Hyper(alpha=5.0, gamma=0.0, lr=3e-4, lr_decay=False, epochs=6, pretrain_epochs=2,
-                           eval_every=3)
+OFFLINE_DEMO_HYPER = Hyper(alpha=5.0, gamma=0.0, lr=3e-4, lr_decay=False, epochs=4, pretrain_epochs=1,
+                           eval_every=2)

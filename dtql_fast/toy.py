@@ -1,0 +1,446 @@
+"""The 2-D toy experiments of the DTQL paper (Section 3, Appendix G.1; Figures 3 and 6).
+
+A one-state bandit: the "dataset" is 10,000 2-D actions (25 Gaussians or a swiss roll), all taken
+in one dummy state s = 0, each with a reward that depends on its distance to the origin. An IQL
+critic learns Q(a) from the data, and a one-step policy maximises Q under one of two regularisers:
+
+  tr  DTQL's diffusion trust region: a diffusion net behaviour-clones the data with the EDM loss, and
+      the Gaussian policy minimises  alpha * L_tr + L_q,  L_tr = the same EDM loss evaluated at the
+      policy's own actions (diffusion net frozen). L_tr is small wherever the diffusion net denoises
+      well, i.e. on the data manifold, so the policy is free to pick the best mode (mode seeking).
+  kl  the KL-style distillation baseline (Diff-Instruct / DMD): an implicit generator a = G(z), a
+      "fake score" diffusion net trained on G's actions, and G moved along (fake - real denoiser
+      output), DMD's estimate of the reverse-KL gradient, plus the same Q term.
+
+    python -m dtql_fast.toy --dataset all --reward all --method all --out toy_results
+
+writes one PNG per run, grid.png (rows dataset x method, columns reward) and metrics.json.
+The networks and the EDM loss are dtql_fast.nets and dtql_fast.edm, the ones the trainer uses, at
+the toy's sizes (hidden 128, time embedding 4) and with the denoised action left unclamped.
+
+Batch sizes. The release takes full-batch steps: 10,000 data rows and 10,000 policy actions per
+step. On 2 CPU cores that is ~0.2-0.35 s a step, 12-20 min a panel. What the picture needs is many
+policy actions for the regulariser: L_tr's per-sample gradient is very noisy (weights up to
+1 / c_out^2 at small sigma), and with only 1,000 actions a step the noise random-walks the policy's
+log-std into its clamp at 2, where the gradient is zero, and the actions end up smeared along the
+tanh box (measured: 11% in support for "far" at 1,000, 99.5% at 4,000, 100% at full batch). The
+critic, the behaviour cloning and the smooth Q term do fine on 1,000 rows. So by default a step
+uses `batch` = 1,000 data rows (drawn with replacement) for the critic, BC and the Q term, and
+`policy_samples` = 4,000 actions for the regulariser: ~2-4 min a panel. --batch 0
+--policy-samples 10000 is the release's full batch.
+
+Default alpha: tr 1.0 (the release's eta = 1): nearly all actions land on one high-reward Gaussian
+("far": a corner, "hard": the doubled top-left corner, "near": the centre). kl 5.0: the DMD term is
+normalised per sample (|a - D_real|), so its scale is not L_tr's; at alpha 1 the Q term wins, the
+generator leaves the data, and once both denoisers extrapolate alike nothing pulls it back
+(actions reached 1e10). At 5 it stays near the data and spreads along the high-reward ring.
+
+Other differences from the release's toy script, all deliberate:
+- The critic is a bandit critic: Q is regressed on r alone (there is no next state). The release
+  feeds s' = s, not_done = 1, so its Q target is r + 0.99 V(s): a shifted copy of r, same gradient.
+- Critic and policy are hidden 128 (the release's toy used its 256-wide defaults for both).
+- `alpha` weighs the regulariser (the release's `eta` weighs the Q term: alpha = 1 / eta gives the
+  same direction of update, with a different step size).
+- The policy and V see only the one dummy state, so they are evaluated on one row and broadcast:
+  the same numbers as evaluating thousands of identical rows, for free.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .edm import edm_loss, edm_prepare, precondition, sample_sigma
+from .nets import Critic, DiffusionNet, GaussianPolicy
+
+DATASETS = ("25gaussians", "swissroll")
+REWARDS = ("far", "near", "hard")
+METHODS = ("tr", "kl")
+
+GAUSS_STD = 0.3
+GAUSS_MEANS = torch.cartesian_prod(torch.linspace(-10, 10, 5), torch.linspace(-10, 10, 5))  # (25, 2)
+SWISS_NOISE = 0.1
+# "In support": within 3 std of a Gaussian's mean; for the swiss roll, closer than SWISS_RADIUS to
+# some data point (5 noise std; the roll's arms are > 9 apart, so this never bridges two arms).
+GAUSS_RADIUS = 3 * GAUSS_STD
+SWISS_RADIUS = 0.5
+
+
+DEFAULT_ALPHA = {"tr": 1.0, "kl": 5.0}  # see the module docstring
+
+
+@dataclass
+class ToyConfig:
+    dataset: str = "25gaussians"  # 25gaussians | swissroll
+    reward: str = "far"           # far | near | hard
+    method: str = "tr"            # tr (diffusion trust region) | kl (DMD-style distillation)
+    steps: int = 3500             # training steps (the release's count)
+    batch: int = 1000             # data rows a step (critic, BC, Q term), with replacement; 0 = all
+    policy_samples: int = 4000    # policy actions a step for the regulariser (release: 10,000)
+    alpha: float | None = None    # regulariser weight against L_q; None: DEFAULT_ALPHA[method]
+    lr: float = 3e-3              # Adam, every network (the toy's critic too)
+    hidden: int = 128
+    t_dim: int = 4                # time-embedding width of the diffusion nets
+    expectile: float = 0.95
+    n_data: int = 10_000
+    n_eval: int = 1_000           # policy actions drawn for the figure and the measures
+    gen_sigma: float = 2.5        # kl: the generator's input is gen_sigma * z, z ~ N(0, I) (release)
+    seed: int = 0
+
+    def __post_init__(self):
+        for value, allowed in ((self.dataset, DATASETS), (self.reward, REWARDS), (self.method, METHODS)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {allowed}")
+        if self.alpha is None:
+            self.alpha = DEFAULT_ALPHA[self.method]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_{self.reward}_{self.method}_alpha{self.alpha:g}_steps{self.steps}_seed{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and rewards
+# ---------------------------------------------------------------------------------------------
+
+def sample_25_gaussians(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n // 25 points around each of the 25 grid means (n = 10,000 gives 400 per mode)."""
+    per_mode = n // len(GAUSS_MEANS)
+    noise = torch.randn(len(GAUSS_MEANS), per_mode, 2, generator=generator) * GAUSS_STD
+    return (GAUSS_MEANS[:, None, :] + noise).reshape(-1, 2)
+
+
+def sample_swiss_roll(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(x, z) of the standard 3-D swiss roll: t = 1.5 pi (1 + 2u), (t cos t, t sin t), + N(0, 0.1^2).
+
+    The roll's height coordinate y is dropped, so drawing it would change nothing but the RNG stream.
+    """
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+    xz = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+    return xz + SWISS_NOISE * torch.randn(n, 2, generator=generator)
+
+
+def make_data(dataset: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    if dataset == "25gaussians":
+        return sample_25_gaussians(n, generator)
+    if dataset == "swissroll":
+        return sample_swiss_roll(n, generator)
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+
+
+def reward_fn(kind: str, a: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Reward of actions a (N, 2) -> (N,). max_norm: the largest ||a|| in the data ("near" only)."""
+    norm = a.norm(dim=-1)
+    if kind == "far":
+        return norm
+    if kind == "near":
+        return max_norm - norm
+    if kind == "hard":
+        # The top-left corner pays double, so the best action is one specific mode, not any corner.
+        corner = (a[:, 0] < -7.5) & (a[:, 1] > 7.5)
+        return torch.where(corner, 2 * norm, norm)
+    raise ValueError(f"unknown reward {kind!r}; choose from {REWARDS}")
+
+
+def in_support(dataset: str, a: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Boolean (N,): is each action on the data (see GAUSS_RADIUS, SWISS_RADIUS)?"""
+    if dataset == "25gaussians":
+        return torch.cdist(a, GAUSS_MEANS).min(dim=1).values < GAUSS_RADIUS
+    return torch.cdist(a, data).min(dim=1).values < SWISS_RADIUS
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def denoise(net: DiffusionNet, x: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor):
+    """EDM denoiser output D(x + sigma n; sigma), unclamped; sigma (N, 1), noise (N, 1, A)."""
+    x_in, t = edm_prepare(x, sigma, noise)
+    c_skip, c_out, _ = precondition(sigma)
+    return c_out * net(x_in, s, t) + c_skip * (x + sigma * noise[:, 0])
+
+
+def edm_draws(n: int, action_dim: int = 2):
+    """One noise level per row (K = 1, the reference) and its Gaussian noise."""
+    return sample_sigma((n, 1)), torch.randn(n, 1, action_dim)
+
+
+def train(cfg: ToyConfig, progress: bool = True) -> dict:
+    """Train one (dataset, reward, method) panel; return the data, 1000 policy actions, and measures."""
+    torch.manual_seed(cfg.seed)
+    data = make_data(cfg.dataset, cfg.n_data, torch.Generator().manual_seed(cfg.seed))
+    N = data.shape[0]
+    max_norm = data.norm(dim=-1).max().item()
+    r = reward_fn(cfg.reward, data, max_norm)[:, None]  # (N, 1)
+    B = cfg.batch if 0 < cfg.batch < N else N
+    P = cfg.policy_samples
+    s = torch.zeros(max(B, P, cfg.n_eval), 1)  # the dummy state, one row per action
+    s0 = torch.zeros(1, 1)  # the same state once: V, the policy and the generator's t broadcast from it
+    max_action = data.abs().max().item()
+
+    critic = Critic(1, 2, cfg.hidden)
+    diffusion = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)  # behaviour cloning: the "real" score
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.lr)
+    diffusion_opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)
+    if cfg.method == "tr":
+        policy = GaussianPolicy(1, 2, cfg.hidden, max_action)
+        policy_opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    elif cfg.method == "kl":
+        # The implicit generator is a DiffusionNet called at one fixed time input: an MLP from
+        # (gen_sigma * z, s) to an action, laid out as the release's generator is, then squashed
+        # into the same box as the Gaussian policy's.
+        generator = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)
+        fake_score = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)
+        policy_opt = torch.optim.Adam(generator.parameters(), lr=cfg.lr)
+        fake_opt = torch.optim.Adam(fake_score.parameters(), lr=cfg.lr)
+        t_gen = torch.full((1,), cfg.gen_sigma).expand(len(s))  # the release feeds the raw gen_sigma as t
+    else:
+        raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
+
+    def act(n: int) -> torch.Tensor:
+        eps = torch.randn(n, 2)
+        if cfg.method == "tr":
+            return policy.sample(s0, eps)  # mu, std from the one state, broadcast over n draws
+        # The policy's box, m tanh(G / m): the identity on the data, bounded beyond it (see DEFAULT_ALPHA).
+        g = generator(cfg.gen_sigma * eps, s[:n], t_gen[:n])
+        return max_action * torch.tanh(g / max_action)
+
+    log = {}
+    bar = tqdm(range(cfg.steps), desc=cfg.name, disable=not progress, mininterval=1.0)
+    for step in bar:
+        if B == N:
+            a, r_a = data, r
+        else:
+            idx = torch.randint(0, N, (B,))
+            a, r_a = data[idx], r[idx]
+        sb = s[:B]
+
+        # 1. Critic (IQL, bandit form): Q regresses onto r; V is the expectile of min(Q1, Q2).
+        q1, q2 = critic.q(sb, a)
+        q = torch.minimum(q1, q2).detach()
+        d = q - critic.value(s0)
+        w = torch.where(d > 0, cfg.expectile, 1.0 - cfg.expectile)
+        loss_v = (w * d ** 2).mean()
+        loss_q = ((q1 - r_a) ** 2).mean() + ((q2 - r_a) ** 2).mean()
+        critic_opt.zero_grad()
+        (loss_v + loss_q).backward()
+        critic_opt.step()
+
+        # 2. Behaviour cloning of the data with the EDM loss (no action box: unclamped).
+        loss_bc = edm_loss(diffusion, a, sb, *edm_draws(B), max_action=None)
+        diffusion_opt.zero_grad()
+        loss_bc.backward()
+        diffusion_opt.step()
+
+        # 3. Policy: regulariser + Q term. The diffusion nets and the critic only pass gradients
+        #    through to the actions here; freezing them skips their weight gradients.
+        a_new = act(P)
+        sp = s[:P]
+        a_q = a_new[:B]  # Q is smooth: its term needs no more actions than the critic sees rows
+        with frozen(critic, diffusion):
+            loss_pq = -critic.q_min(s[:len(a_q)], a_q).mean()
+            if cfg.method == "tr":
+                loss_reg = edm_loss(diffusion, a_new, sp, *edm_draws(P), max_action=None)
+            else:
+                # DMD: move each action along D_real - D_fake (the reverse-KL gradient up to a
+                # per-sigma weight), normalised per sample by |a - D_real| as in the DMD paper.
+                # Real and fake see the same sigma and noise, so their difference is low-variance.
+                sigma, noise = edm_draws(P)
+                with torch.no_grad():
+                    d_real = denoise(diffusion, a_new, sp, sigma, noise)
+                    d_fake = denoise(fake_score, a_new, sp, sigma, noise)
+                    grad = (d_fake - d_real) / (a_new - d_real).abs().mean(dim=1, keepdim=True)
+                # A loss whose gradient w.r.t. a_new is grad / (P * 2).
+                loss_reg = 0.5 * ((a_new - (a_new - grad).detach()) ** 2).mean()
+        loss_policy = cfg.alpha * loss_reg + loss_pq
+        policy_opt.zero_grad()
+        loss_policy.backward()
+        policy_opt.step()
+
+        # 4. kl only: the fake score tracks the generator's current action distribution.
+        if cfg.method == "kl":
+            loss_fake = edm_loss(fake_score, a_q.detach(), s[:len(a_q)], *edm_draws(len(a_q)), max_action=None)
+            fake_opt.zero_grad()
+            loss_fake.backward()
+            fake_opt.step()
+            log["loss_fake"] = loss_fake.item()
+
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log |= {"loss_q": loss_q.item(), "loss_bc": loss_bc.item(),
+                    "loss_reg": loss_reg.item(), "q_pi": -loss_pq.item()}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+
+    with torch.no_grad():
+        actions = act(cfg.n_eval)
+        data_r = reward_fn(cfg.reward, data, max_norm)
+        measures = {
+            "in_support_frac": in_support(cfg.dataset, actions, data).float().mean().item(),
+            "in_support_rule": (f"distance to nearest Gaussian mean < {GAUSS_RADIUS:g} (3 std)"
+                                if cfg.dataset == "25gaussians"
+                                else f"distance to nearest data point < {SWISS_RADIUS:g}"),
+            "policy_reward_mean": reward_fn(cfg.reward, actions, max_norm).mean().item(),
+            "data_reward_mean": data_r.mean().item(),
+            "data_reward_max": data_r.max().item(),
+            "final_losses": dict(log),
+        }
+    return {"config": cfg, "data": data, "actions": actions, "rewards": data_r, "measures": measures}
+
+
+class frozen:
+    """Context manager: requires_grad off for the given modules' parameters, then restored."""
+
+    def __init__(self, *modules):
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def __enter__(self):
+        self.saved = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.saved):
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures and the CLI
+# ---------------------------------------------------------------------------------------------
+
+PANEL_SIZE = (6.0, 5.0)  # inches; at PANEL_DPI, a 600 x 500 PNG
+PANEL_DPI = 100
+METHOD_LABEL = {"tr": "DTQL trust region", "kl": "KL (DMD) distillation"}
+
+
+def draw_panel(ax, result: dict, title: str | None = None):
+    cfg, m = result["config"], result["measures"]
+    data, actions = result["data"].numpy(), result["actions"].numpy()
+    sc = ax.scatter(data[:, 0], data[:, 1], c=result["rewards"].numpy(), s=2, cmap="viridis", rasterized=True)
+    ax.scatter(actions[:, 0], actions[:, 1], c="red", s=4, alpha=0.5, label="policy actions")
+    lim = np.abs(data).max() * 1.15
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_title(title or (f"{METHOD_LABEL[cfg.method]}: {cfg.dataset}, {cfg.reward}\n"
+                           f"alpha={cfg.alpha:g}, steps={cfg.steps}, seed={cfg.seed}; "
+                           f"in-support {m['in_support_frac']:.2f}, "
+                           f"r {m['policy_reward_mean']:.2f} (data {m['data_reward_mean']:.2f})"),
+                 fontsize=8)
+    return sc
+
+
+def save_panel(result: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # A fixed figure size and dpi, and no tight bbox, so the PNG's pixel size is known in advance.
+    fig, ax = plt.subplots(figsize=PANEL_SIZE, dpi=PANEL_DPI)
+    sc = draw_panel(ax, result)
+    fig.colorbar(sc, ax=ax, label="reward")
+    ax.set_xlabel("action dim 1")
+    ax.set_ylabel("action dim 2")
+    fig.savefig(path, dpi=PANEL_DPI)
+    plt.close(fig)
+
+
+def save_grid(results: list[dict], path: str):
+    """Rows (dataset, method), columns rewards: the layout of the paper's Figures 3 and 6."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted({(r["config"].dataset, r["config"].method) for r in results},
+                  key=lambda dm: (DATASETS.index(dm[0]), METHODS.index(dm[1])))
+    cols = sorted({r["config"].reward for r in results}, key=REWARDS.index)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.6 * len(cols), 3.6 * len(rows)),
+                             squeeze=False, dpi=PANEL_DPI)
+    for ax in axes.flat:
+        ax.axis("off")
+    for res in results:
+        cfg, m = res["config"], res["measures"]
+        ax = axes[rows.index((cfg.dataset, cfg.method)), cols.index(cfg.reward)]
+        ax.axis("on")
+        draw_panel(ax, res, title=(f"{cfg.method} | {cfg.dataset} | {cfg.reward}\n"
+                                   f"in-support {m['in_support_frac']:.2f}, "
+                                   f"r {m['policy_reward_mean']:.1f} / data {m['data_reward_mean']:.1f}"))
+        ax.tick_params(labelsize=6)
+    first = results[0]["config"]
+    fig.suptitle(f"tr (DTQL diffusion trust region) vs kl (DMD distillation); alpha={first.alpha:g}, "
+                 f"steps={first.steps}, seed={first.seed}; red: {first.n_eval} policy actions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = ToyConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m dtql_fast.toy",
+        description="DTQL's 2-D toy experiments: a one-state bandit on 25 Gaussians or a swiss roll; "
+                    "DTQL's diffusion trust region (tr) vs a KL / DMD distillation baseline (kl). "
+                    "Writes one PNG per run, grid.png, and metrics.json to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, choices=DATASETS + ("all",))
+    p.add_argument("--reward", default=d.reward, choices=REWARDS + ("all",),
+                   help="far: ||a||; near: max||a|| - ||a||; hard: ||a||, doubled where a1 < -7.5, a2 > 7.5 "
+                        "(no swiss-roll point lies there, so on the swiss roll hard = far)")
+    p.add_argument("--method", default=d.method, choices=METHODS + ("all",),
+                   help="tr: diffusion trust region (DTQL); kl: DMD-style distillation with an implicit generator")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (the release: 3500)")
+    p.add_argument("--batch", type=int, default=d.batch,
+                   help="data rows a step for the critic, behaviour cloning and the Q term, drawn with "
+                        "replacement; 0 = all 10,000 (the release)")
+    p.add_argument("--policy-samples", type=int, default=d.policy_samples,
+                   help="policy actions a step for the regulariser (the release: 10,000); fewer than "
+                        "~4,000 and L_tr's gradient noise smears the tr policy along the action box")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="regulariser weight: the policy minimises alpha * regulariser - mean Q; "
+                        "None: per method, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_ALPHA.items()))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default="toy_results", help="output directory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, None: torch's choice; 1 is faster on a busy machine")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pick = lambda v, every: every if v == "all" else (v,)  # noqa: E731
+    results = []
+    for dataset in pick(args.dataset, DATASETS):
+        for reward in pick(args.reward, REWARDS):
+            for method in pick(args.method, METHODS):
+                cfg = ToyConfig(dataset=dataset, reward=reward, method=method, steps=args.steps,
+                                batch=args.batch, policy_samples=args.policy_samples,
+                                alpha=args.alpha, lr=args.lr, seed=args.seed)
+                t0 = time.perf_counter()
+                res = train(cfg)
+                res["measures"]["wall_s"] = round(time.perf_counter() - t0, 1)
+                png = os.path.join(args.out, cfg.name + ".png")
+                save_panel(res, png)
+                m = res["measures"]
+                print(f"{cfg.name}: in-support {m['in_support_frac']:.3f}, policy reward "
+                      f"{m['policy_reward_mean']:.3f} (data mean {m['data_reward_mean']:.3f}, "
+                      f"max {m['data_reward_max']:.3f}), {m['wall_s']} s -> {png}")
+                results.append(res)
+    if len(results) > 1:
+        save_grid(results, os.path.join(args.out, "grid.png"))
+    summary = {r["config"].name: {"config": asdict(r["config"]), **r["measures"]} for r in results}
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The 2-D toy experiments (dtql_fast.toy): data, rewards, the figure file, and a short tr run."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from dtql_fast import toy
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def test_25_gaussians_shape_and_modes():
+    data = toy.sample_25_gaussians(10_000, torch.Generator().manual_seed(0))
+    assert data.shape == (10_000, 2) and data.dtype == torch.float32
+    # 400 points per mode, each within a few std of its own grid mean.
+    nearest = torch.cdist(data, toy.GAUSS_MEANS).argmin(dim=1)
+    assert torch.bincount(nearest, minlength=25).tolist() == [400] * 25
+    resid = data - toy.GAUSS_MEANS[nearest]
+    assert resid.mean(dim=0).abs().max() < 0.02          # std of the mean: 0.3 / 100 = 0.003
+    assert resid.std(dim=0).sub(0.3).abs().max() < 0.01  # std of the std: ~0.3 / sqrt(2e4) = 0.002
+    assert set(toy.GAUSS_MEANS[:, 0].tolist()) == {-10.0, -5.0, 0.0, 5.0, 10.0}
+
+
+def test_swiss_roll_shape_and_stats():
+    data = toy.sample_swiss_roll(10_000, torch.Generator().manual_seed(0))
+    assert data.shape == (10_000, 2) and data.dtype == torch.float32
+    # The radius is the spiral's parameter t ~ U(1.5 pi, 4.5 pi) plus 0.1 noise: mean 3 pi.
+    r = data.norm(dim=1)
+    assert abs(r.mean().item() - 3 * math.pi) < 0.15
+    assert r.min() > 1.5 * math.pi - 0.5 and r.max() < 4.5 * math.pi + 0.5
+    # Distance to the noiseless spiral is |2-D N(0, 0.1^2)|-ish: Rayleigh mean 0.1 sqrt(pi/2) = 0.125
+    # when the nearest spiral point is the foot of the noise, a little less otherwise.
+    t = torch.linspace(1.5 * math.pi, 4.5 * math.pi, 50_000)
+    curve = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+    dist = torch.cdist(data[:2000], curve).min(dim=1).values
+    assert 0.05 < dist.mean().item() < 0.13
+    assert dist.max() < 0.6
+
+
+def test_data_is_seeded():
+    a = toy.make_data("swissroll", 100, torch.Generator().manual_seed(3))
+    b = toy.make_data("swissroll", 100, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        toy.make_data("moons", 10)
+
+
+# -- rewards -------------------------------------------------------------------------------------
+
+def test_rewards_on_hand_values():
+    a = torch.tensor([[3.0, 4.0], [-8.0, 8.0], [0.0, 0.0], [-8.0, 7.0], [8.0, 8.0]])
+    n = [5.0, 8 * math.sqrt(2), 0.0, math.sqrt(113), 8 * math.sqrt(2)]
+    torch.testing.assert_close(toy.reward_fn("far", a, 20.0), torch.tensor(n))
+    torch.testing.assert_close(toy.reward_fn("near", a, 20.0), 20.0 - torch.tensor(n))
+    # Only (-8, 8) is in the corner a1 < -7.5, a2 > 7.5; (-8, 7) and (8, 8) are not.
+    torch.testing.assert_close(toy.reward_fn("hard", a, 20.0),
+                               torch.tensor([5.0, 16 * math.sqrt(2), 0.0, math.sqrt(113), 8 * math.sqrt(2)]))
+    with pytest.raises(ValueError):
+        toy.reward_fn("up", a, 1.0)
+
+
+def test_in_support_rule():
+    data = toy.sample_25_gaussians(2500, torch.Generator().manual_seed(0))
+    a = torch.tensor([[10.0, 10.0], [10.85, 10.0], [10.95, 10.0], [2.5, 2.5]])
+    assert toy.in_support("25gaussians", a, data).tolist() == [True, True, False, False]
+    roll = toy.sample_swiss_roll(10_000, torch.Generator().manual_seed(0))
+    a = torch.stack([roll[0], roll[0] + torch.tensor([0.4, 0.0]), torch.tensor([0.0, 0.0])])
+    assert toy.in_support("swissroll", a, roll).tolist() == [True, True, False]
+
+
+# -- the figure ----------------------------------------------------------------------------------
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert head[12:16] == b"IHDR", "IHDR is not the first chunk"
+    return struct.unpack(">II", head[16:24])
+
+
+# -- a short tr run ------------------------------------------------------------------------------
+
+# TODO thresholds
+
+
+def test_cli_writes_pngs_grid_and_json(tmp_path):
+    toy.main(["--dataset", "25gaussians", "--reward", "far", "--method", "all", "--steps", "3",
+              "--batch", "64", "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "grid.png" in names and "metrics.json" in names
+    pngs = [n for n in names if n.endswith(".png") and n != "grid.png"]
+    assert len(pngs) == 2
+    for n in pngs:
+        assert png_size(tmp_path / n) == (600, 500)
+    png_size(tmp_path / "grid.png")
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(summary) == 2
+    for m in summary.values():
+        assert {"in_support_frac", "policy_reward_mean", "data_reward_mean", "data_reward_max",
+                "wall_s", "config"} <= set(m)

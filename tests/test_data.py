@@ -16,13 +16,6 @@ from dtql_fast import data as D
 from dtql_fast.tasks import DEFAULT_HYPER, TASKS, UnknownTaskError
 from dtql_fast.transitions import DatasetError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP's second thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- the two transition rules on synthetic episodes -----------------------------------------------

@@ -10,13 +10,6 @@ from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import DEFAULT_HYPER, Task
 from dtql_fast.update import FastDTQL
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP's second thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _agent(S, A, hidden=64, seed=0):

@@ -19,21 +19,27 @@ The networks and the EDM loss are dtql_fast.nets and dtql_fast.edm, the ones the
 the toy's sizes (hidden 128, time embedding 4) and with the denoised action left unclamped.
 
 Batch sizes. The release takes full-batch steps: 10,000 data rows and 10,000 policy actions per
-step. On 2 CPU cores that is ~0.2-0.35 s a step, 12-20 min a panel. What the picture needs is many
-policy actions for the regulariser: L_tr's per-sample gradient is very noisy (weights up to
-1 / c_out^2 at small sigma), and with only 1,000 actions a step the noise random-walks the policy's
-log-std into its clamp at 2, where the gradient is zero, and the actions end up smeared along the
-tanh box (measured: 11% in support for "far" at 1,000, 99.5% at 4,000, 100% at full batch). The
-critic, the behaviour cloning and the smooth Q term do fine on 1,000 rows. So by default a step
-uses `batch` = 1,000 data rows (drawn with replacement) for the critic, BC and the Q term, and
-`policy_samples` = 4,000 actions for the regulariser: ~2-4 min a panel. --batch 0
---policy-samples 10000 is the release's full batch.
+step. On 2 CPU cores that is 0.2-0.35 s a step, 12-20 min a panel. What the picture needs is many
+policy actions for the regulariser. L_tr's per-sample gradient is heavy-tailed (weight 1 / c_out^2,
+up to 2.5e5 at sigma_min), and Adam bounds what a rare large gradient can do to one step (our
+reading of it), so with few actions a step the steady Q gradient wins: the policy runs into the tanh
+box and its log-std into the clamp at 2, where the gradient is zero, and its actions stay smeared
+along the box's edge. Measured on 25gaussians/far, seed 0: 11% in support with 1,000 actions a
+step, 99.5% with 4,000, 100% at full batch. The critic, the behaviour cloning and the smooth Q term
+do fine on fewer rows. So by default a step draws `batch` = 1,000 data rows (with replacement) for
+the critic, BC and the Q term, and `policy_samples` = 4,000 actions for the regulariser: 2-4 min a
+panel. --batch 0 --policy-samples 10000 is the release's full batch.
+Even then the tr policy first overshoots to the box corner beyond the best mode (Q extrapolates
+outwards) and the trust region pulls it back into the mode late, around steps 2000-3300; fewer
+steps leave it on the box's edge.
 
 Default alpha: tr 1.0 (the release's eta = 1): nearly all actions land on one high-reward Gaussian
 ("far": a corner, "hard": the doubled top-left corner, "near": the centre). kl 5.0: the DMD term is
-normalised per sample (|a - D_real|), so its scale is not L_tr's; at alpha 1 the Q term wins, the
-generator leaves the data, and once both denoisers extrapolate alike nothing pulls it back
-(actions reached 1e10). At 5 it stays near the data and spreads along the high-reward ring.
+normalised per sample (by |a - D_real|), so its scale is not L_tr's; at alpha 1 the Q term wins.
+The generator's output goes through the policy's box, m tanh(G / m) (m = the data's largest
+coordinate): the identity on the data, bounded beyond it. The release's generator is unbounded,
+and here it ran away (actions ~1e10, at alpha 1 and 5): once it leaves the data both denoisers
+extrapolate alike, the DMD term vanishes, and Adam keeps following Q's tiny outward gradient.
 
 Other differences from the release's toy script, all deliberate:
 - The critic is a bandit critic: Q is regressed on r alone (there is no next state). The release
@@ -172,6 +178,22 @@ def edm_draws(n: int, action_dim: int = 2):
     return sample_sigma((n, 1)), torch.randn(n, 1, action_dim)
 
 
+class frozen:
+    """Context manager: requires_grad off for the given modules' parameters, then restored."""
+
+    def __init__(self, *modules):
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def __enter__(self):
+        self.saved = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.saved):
+            p.requires_grad_(flag)
+
+
 def train(cfg: ToyConfig, progress: bool = True) -> dict:
     """Train one (dataset, reward, method) panel; return the data, 1000 policy actions, and measures."""
     torch.manual_seed(cfg.seed)
@@ -293,22 +315,6 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
     return {"config": cfg, "data": data, "actions": actions, "rewards": data_r, "measures": measures}
 
 
-class frozen:
-    """Context manager: requires_grad off for the given modules' parameters, then restored."""
-
-    def __init__(self, *modules):
-        self.params = [p for m in modules for p in m.parameters()]
-
-    def __enter__(self):
-        self.saved = [p.requires_grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, flag in zip(self.params, self.saved):
-            p.requires_grad_(flag)
-
-
 # ---------------------------------------------------------------------------------------------
 # Figures and the CLI
 # ---------------------------------------------------------------------------------------------
@@ -367,13 +373,13 @@ def save_grid(results: list[dict], path: str):
         cfg, m = res["config"], res["measures"]
         ax = axes[rows.index((cfg.dataset, cfg.method)), cols.index(cfg.reward)]
         ax.axis("on")
-        draw_panel(ax, res, title=(f"{cfg.method} | {cfg.dataset} | {cfg.reward}\n"
+        draw_panel(ax, res, title=(f"{cfg.method} (alpha {cfg.alpha:g}) | {cfg.dataset} | {cfg.reward}\n"
                                    f"in-support {m['in_support_frac']:.2f}, "
                                    f"r {m['policy_reward_mean']:.1f} / data {m['data_reward_mean']:.1f}"))
         ax.tick_params(labelsize=6)
     first = results[0]["config"]
-    fig.suptitle(f"tr (DTQL diffusion trust region) vs kl (DMD distillation); alpha={first.alpha:g}, "
-                 f"steps={first.steps}, seed={first.seed}; red: {first.n_eval} policy actions", fontsize=10)
+    fig.suptitle(f"tr (DTQL diffusion trust region) vs kl (DMD distillation); steps={first.steps}, "
+                 f"seed={first.seed}; red: {first.n_eval} policy actions", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -34,12 +34,16 @@ outwards) and the trust region pulls it back into the mode late, around steps 20
 steps leave it on the box's edge.
 
 Default alpha: tr 1.0 (the release's eta = 1): nearly all actions land on one high-reward Gaussian
-("far": a corner, "hard": the doubled top-left corner, "near": the centre). kl 5.0: the DMD term is
-normalised per sample (by |a - D_real|), so its scale is not L_tr's; at alpha 1 the Q term wins.
-The generator's output goes through the policy's box, m tanh(G / m) (m = the data's largest
-coordinate): the identity on the data, bounded beyond it. The release's generator is unbounded,
-and here it ran away (actions ~1e10, at alpha 1 and 5): once it leaves the data both denoisers
-extrapolate alike, the DMD term vanishes, and Adam keeps following Q's tiny outward gradient.
+("far": a corner, "hard": the doubled top-left corner, "near": the centre) or the matching stretch
+of the swiss roll. kl 5.0: the DMD term is normalised per sample (by |a - D_real|), so its scale is
+not L_tr's; at alpha 1 the Q term wins outright. The generator's output goes through the policy's
+box, m tanh(G / m) (m = the data's largest coordinate): the identity on the data, bounded beyond it.
+The release's generator is unbounded, and here it ran away (actions ~1e10 on 25gaussians, at alpha
+1 and 5): once it leaves the data both denoisers extrapolate alike, the DMD term vanishes, and Adam
+keeps following Q's tiny outward gradient. The kl baseline stays unstable (the release's own script
+stops its kl runs at 1500-2500 steps): at the defaults, seed 0, it spreads along the roll's outer
+arm (swissroll/far) or sits on the centre mode (25gaussians/near), but on 25gaussians/far and
+swissroll/near it collapses onto a corner of the box, off the data, where tanh has no gradient left.
 
 Other differences from the release's toy script, all deliberate:
 - The critic is a bandit critic: Q is regressed on r alone (there is no next state). The release

@@ -14,7 +14,10 @@ critic learns Q(a) from the data, and a one-step policy maximises Q under one of
 
     python -m dtql_fast.toy --dataset all --reward all --method all --out toy_results
 
-writes one PNG per run, grid.png (rows dataset x method, columns reward) and metrics.json.
+writes one PNG per run, grid.png (rows dataset x method, columns reward) and metrics.json (the
+measures at the end, and every --log-every steps in `history`). --compile compiles the step's
+losses (torch.compile, with the fast path's one-exp Mish): 1.7x faster on CPU, same run to fp32
+round-off.
 The networks and the EDM loss are dtql_fast.nets and dtql_fast.edm, the ones the trainer uses, at
 the toy's sizes (hidden 128, time embedding 4) and with the denoised action left unclamped.
 
@@ -65,10 +68,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from .edm import edm_loss, edm_prepare, precondition, sample_sigma
-from .nets import Critic, DiffusionNet, GaussianPolicy
+from .nets import Critic, DiffusionNet, FastMish, GaussianPolicy
 
 DATASETS = ("25gaussians", "swissroll")
 REWARDS = ("far", "near", "hard")
@@ -103,13 +107,24 @@ class ToyConfig:
     n_eval: int = 1_000           # policy actions drawn for the figure and the measures
     gen_sigma: float = 2.5        # kl: the generator's input is gen_sigma * z, z ~ N(0, I) (release)
     seed: int = 0
+    log_every: int = 100          # steps between in-support / reward measurements in `history`
+    compile: bool = False         # torch.compile the step's losses (1.7x on CPU; see train)
 
     def __post_init__(self):
         for value, allowed in ((self.dataset, DATASETS), (self.reward, REWARDS), (self.method, METHODS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
+        for field in ("steps", "policy_samples", "n_data", "n_eval", "hidden", "t_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.batch < 0:
+            raise ValueError(f"batch must be >= 0 (0 = all rows), got {self.batch}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.alpha is None:
             self.alpha = DEFAULT_ALPHA[self.method]
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
     @property
     def name(self) -> str:
@@ -207,12 +222,16 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
     r = reward_fn(cfg.reward, data, max_norm)[:, None]  # (N, 1)
     B = cfg.batch if 0 < cfg.batch < N else N
     P = cfg.policy_samples
+    Q = min(B, P)  # Q is smooth: its term needs no more actions than the critic sees rows
     s = torch.zeros(max(B, P, cfg.n_eval), 1)  # the dummy state, one row per action
     s0 = torch.zeros(1, 1)  # the same state once: V, the policy and the generator's t broadcast from it
     max_action = data.abs().max().item()
 
-    critic = Critic(1, 2, cfg.hidden)
-    diffusion = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)  # behaviour cloning: the "real" score
+    # Compiled, Mish is the fast path's one-exp FastMish (same values to fp32 round-off): inductor's
+    # fused aten mish costs several times more, and Mish is half of an eager toy step.
+    act_fn = FastMish if cfg.compile else nn.Mish
+    critic = Critic(1, 2, cfg.hidden, act=act_fn)
+    diffusion = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim, act=act_fn)  # behaviour cloning: the "real" score
     critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.lr)
     diffusion_opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)
     if cfg.method == "tr":
@@ -222,23 +241,77 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
         # The implicit generator is a DiffusionNet called at one fixed time input: an MLP from
         # (gen_sigma * z, s) to an action, laid out as the release's generator is, then squashed
         # into the same box as the Gaussian policy's.
-        generator = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)
-        fake_score = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim)
+        generator = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim, act=act_fn)
+        fake_score = DiffusionNet(1, 2, cfg.hidden, cfg.t_dim, act=act_fn)
         policy_opt = torch.optim.Adam(generator.parameters(), lr=cfg.lr)
         fake_opt = torch.optim.Adam(fake_score.parameters(), lr=cfg.lr)
         t_gen = torch.full((1,), cfg.gen_sigma).expand(len(s))  # the release feeds the raw gen_sigma as t
     else:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
 
-    def act(n: int) -> torch.Tensor:
-        eps = torch.randn(n, 2)
+    def act(eps: torch.Tensor) -> torch.Tensor:
         if cfg.method == "tr":
-            return policy.sample(s0, eps)  # mu, std from the one state, broadcast over n draws
+            return policy.sample(s0, eps)  # mu, std from the one state, broadcast over the draws
         # The policy's box, m tanh(G / m): the identity on the data, bounded beyond it (see DEFAULT_ALPHA).
+        n = len(eps)
         g = generator(cfg.gen_sigma * eps, s[:n], t_gen[:n])
         return max_action * torch.tanh(g / max_action)
 
-    log = {}
+    # The step's three losses, each a pure function of the batch and its random draws (drawn outside,
+    # so compiled and eager runs consume the same random stream).
+    def critic_loss(a, r_a):
+        # IQL, bandit form: Q regresses onto r; V is the expectile of min(Q1, Q2).
+        q1, q2 = critic.q(s[:B], a)
+        q = torch.minimum(q1, q2).detach()
+        d = q - critic.value(s0)
+        w = torch.where(d > 0, cfg.expectile, 1.0 - cfg.expectile)
+        loss_v = (w * d ** 2).mean()
+        loss_q = ((q1 - r_a) ** 2).mean() + ((q2 - r_a) ** 2).mean()
+        return loss_v + loss_q, loss_q
+
+    def bc_loss(a, sigma, noise):
+        # Behaviour cloning of the data with the EDM loss (no action box: unclamped).
+        return edm_loss(diffusion, a, s[:B], sigma, noise, max_action=None)
+
+    def policy_loss(eps, sigma, noise):
+        # Regulariser + Q term. The critic and the diffusion nets only pass gradients through to
+        # the actions (they are frozen around this call: no weight gradients).
+        a_new = act(eps)
+        a_q = a_new[:Q]
+        loss_pq = -critic.q_min(s[:Q], a_q).mean()
+        if cfg.method == "tr":
+            loss_reg = edm_loss(diffusion, a_new, s[:P], sigma, noise, max_action=None)
+        else:
+            # DMD: move each action along D_real - D_fake (the reverse-KL gradient up to a per-sigma
+            # weight), normalised per sample by |a - D_real| as in the DMD paper. Real and fake see
+            # the same sigma and noise, so their difference is low-variance.
+            with torch.no_grad():
+                d_real = denoise(diffusion, a_new, s[:P], sigma, noise)
+                d_fake = denoise(fake_score, a_new, s[:P], sigma, noise)
+                grad = (d_fake - d_real) / (a_new - d_real).abs().mean(dim=1, keepdim=True)
+            # A loss whose gradient w.r.t. a_new is grad / (P * 2).
+            loss_reg = 0.5 * ((a_new - (a_new - grad).detach()) ** 2).mean()
+        return cfg.alpha * loss_reg + loss_pq, loss_reg, loss_pq, a_q.detach()
+
+    def fake_loss(a_q, sigma, noise):
+        # kl only: the fake score tracks the generator's current action distribution.
+        return edm_loss(fake_score, a_q, s[:Q], sigma, noise, max_action=None)
+
+    if cfg.compile:
+        critic_loss, bc_loss, policy_loss, fake_loss = (
+            torch.compile(f, fullgraph=True) for f in (critic_loss, bc_loss, policy_loss, fake_loss))
+
+    # The history's draws come from their own generator, so logging leaves training's RNG stream,
+    # and with it the run, unchanged.
+    history_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def measure(n: int, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            actions = act(torch.randn(n, 2, generator=gen))
+            return actions, {"in_support_frac": in_support(cfg.dataset, actions, data).float().mean().item(),
+                             "policy_reward_mean": reward_fn(cfg.reward, actions, max_norm).mean().item()}
+
+    log, history = {}, []
     bar = tqdm(range(cfg.steps), desc=cfg.name, disable=not progress, mininterval=1.0)
     for step in bar:
         if B == N:
@@ -246,53 +319,30 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
         else:
             idx = torch.randint(0, N, (B,))
             a, r_a = data[idx], r[idx]
-        sb = s[:B]
 
-        # 1. Critic (IQL, bandit form): Q regresses onto r; V is the expectile of min(Q1, Q2).
-        q1, q2 = critic.q(sb, a)
-        q = torch.minimum(q1, q2).detach()
-        d = q - critic.value(s0)
-        w = torch.where(d > 0, cfg.expectile, 1.0 - cfg.expectile)
-        loss_v = (w * d ** 2).mean()
-        loss_q = ((q1 - r_a) ** 2).mean() + ((q2 - r_a) ** 2).mean()
+        # 1. Critic.
+        loss_critic, loss_q = critic_loss(a, r_a)
         critic_opt.zero_grad()
-        (loss_v + loss_q).backward()
+        loss_critic.backward()
         critic_opt.step()
 
-        # 2. Behaviour cloning of the data with the EDM loss (no action box: unclamped).
-        loss_bc = edm_loss(diffusion, a, sb, *edm_draws(B), max_action=None)
+        # 2. Behaviour cloning.
+        loss_bc = bc_loss(a, *edm_draws(B))
         diffusion_opt.zero_grad()
         loss_bc.backward()
         diffusion_opt.step()
 
-        # 3. Policy: regulariser + Q term. The diffusion nets and the critic only pass gradients
-        #    through to the actions here; freezing them skips their weight gradients.
-        a_new = act(P)
-        sp = s[:P]
-        a_q = a_new[:B]  # Q is smooth: its term needs no more actions than the critic sees rows
+        # 3. Policy.
+        eps = torch.randn(P, 2)
         with frozen(critic, diffusion):
-            loss_pq = -critic.q_min(s[:len(a_q)], a_q).mean()
-            if cfg.method == "tr":
-                loss_reg = edm_loss(diffusion, a_new, sp, *edm_draws(P), max_action=None)
-            else:
-                # DMD: move each action along D_real - D_fake (the reverse-KL gradient up to a
-                # per-sigma weight), normalised per sample by |a - D_real| as in the DMD paper.
-                # Real and fake see the same sigma and noise, so their difference is low-variance.
-                sigma, noise = edm_draws(P)
-                with torch.no_grad():
-                    d_real = denoise(diffusion, a_new, sp, sigma, noise)
-                    d_fake = denoise(fake_score, a_new, sp, sigma, noise)
-                    grad = (d_fake - d_real) / (a_new - d_real).abs().mean(dim=1, keepdim=True)
-                # A loss whose gradient w.r.t. a_new is grad / (P * 2).
-                loss_reg = 0.5 * ((a_new - (a_new - grad).detach()) ** 2).mean()
-        loss_policy = cfg.alpha * loss_reg + loss_pq
+            loss_policy, loss_reg, loss_pq, a_q = policy_loss(eps, *edm_draws(P))
         policy_opt.zero_grad()
         loss_policy.backward()
         policy_opt.step()
 
-        # 4. kl only: the fake score tracks the generator's current action distribution.
+        # 4. kl only: the fake score.
         if cfg.method == "kl":
-            loss_fake = edm_loss(fake_score, a_q.detach(), s[:len(a_q)], *edm_draws(len(a_q)), max_action=None)
+            loss_fake = fake_loss(a_q, *edm_draws(Q))
             fake_opt.zero_grad()
             loss_fake.backward()
             fake_opt.step()
@@ -302,20 +352,22 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
             log |= {"loss_q": loss_q.item(), "loss_bc": loss_bc.item(),
                     "loss_reg": loss_reg.item(), "q_pi": -loss_pq.item()}
             bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            history.append({"step": step + 1, **measure(cfg.n_eval, history_gen)[1]})
 
-    with torch.no_grad():
-        actions = act(cfg.n_eval)
-        data_r = reward_fn(cfg.reward, data, max_norm)
-        measures = {
-            "in_support_frac": in_support(cfg.dataset, actions, data).float().mean().item(),
-            "in_support_rule": (f"distance to nearest Gaussian mean < {GAUSS_RADIUS:g} (3 std)"
-                                if cfg.dataset == "25gaussians"
-                                else f"distance to nearest data point < {SWISS_RADIUS:g}"),
-            "policy_reward_mean": reward_fn(cfg.reward, actions, max_norm).mean().item(),
-            "data_reward_mean": data_r.mean().item(),
-            "data_reward_max": data_r.max().item(),
-            "final_losses": dict(log),
-        }
+    actions, final = measure(cfg.n_eval)
+    data_r = reward_fn(cfg.reward, data, max_norm)
+    measures = {
+        "in_support_frac": final["in_support_frac"],
+        "in_support_rule": (f"distance to nearest Gaussian mean < {GAUSS_RADIUS:g} (3 std)"
+                            if cfg.dataset == "25gaussians"
+                            else f"distance to nearest data point < {SWISS_RADIUS:g}"),
+        "policy_reward_mean": final["policy_reward_mean"],
+        "data_reward_mean": data_r.mean().item(),
+        "data_reward_max": data_r.max().item(),
+        "final_losses": dict(log),
+        "history": history,
+    }
     return {"config": cfg, "data": data, "actions": actions, "rewards": data_r, "measures": measures}
 
 
@@ -415,6 +467,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "None: per method, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_ALPHA.items()))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the step's losses: about 1.7x faster on CPU after ~30 s of compiling")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="steps between the in-support / reward measurements kept in metrics.json's history; 0: none")
     p.add_argument("--out", default="toy_results", help="output directory")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads, None: torch's choice; 1 is faster on a busy machine")
@@ -433,7 +489,8 @@ def main(argv=None):
             for method in pick(args.method, METHODS):
                 cfg = ToyConfig(dataset=dataset, reward=reward, method=method, steps=args.steps,
                                 batch=args.batch, policy_samples=args.policy_samples,
-                                alpha=args.alpha, lr=args.lr, seed=args.seed)
+                                alpha=args.alpha, lr=args.lr, seed=args.seed, compile=args.compile,
+                                log_every=args.log_every)
                 t0 = time.perf_counter()
                 res = train(cfg)
                 res["measures"]["wall_s"] = round(time.perf_counter() - t0, 1)

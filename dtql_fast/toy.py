@@ -43,10 +43,16 @@ not L_tr's; at alpha 1 the Q term wins outright. The generator's output goes thr
 box, m tanh(G / m) (m = the data's largest coordinate): the identity on the data, bounded beyond it.
 The release's generator is unbounded, and here it ran away (actions ~1e10 on 25gaussians, at alpha
 1 and 5): once it leaves the data both denoisers extrapolate alike, the DMD term vanishes, and Adam
-keeps following Q's tiny outward gradient. The kl baseline stays unstable (the release's own script
-stops its kl runs at 1500-2500 steps): at the defaults, seed 0, it spreads along the roll's outer
-arm (swissroll/far) or sits on the centre mode (25gaussians/near), but on 25gaussians/far and
-swissroll/near it collapses onto a corner of the box, off the data, where tanh has no gradient left.
+keeps following Q's tiny outward gradient. With one fake-score update per generator update (our
+first version) the generator still outran the fake score. Compiled, seed 0, in support was 0.00 on
+25gaussians/near and /hard and on swissroll/far (on a corner of the box, where tanh has no gradient
+left; on /hard and swissroll/far with a reward above the data's best) and 0.35 on 25gaussians/far.
+kl amplifies fp32 round-off (see tests/test_toy.py), and the eager runs of the same seed ended
+elsewhere (25gaussians/near: 1.00 eager, 0.00 compiled). So the fake score takes `fake_updates` = 5
+steps per generator step, DMD2's two-time-scale rule: then, seed 0, in support 0.48
+(25gaussians/far), 0.84 (25gaussians/near), 0.69 (swissroll/far). The kl baseline remains the
+noisier method (the release's own script stops its kl runs at 1500-2500 steps); the numbers above
+are single runs.
 
 Other differences from the release's toy script, all deliberate:
 - The critic is a bandit critic: Q is regressed on r alone (there is no next state). The release
@@ -105,6 +111,7 @@ class ToyConfig:
     expectile: float = 0.95
     n_data: int = 10_000
     n_eval: int = 1_000           # policy actions drawn for the figure and the measures
+    fake_updates: int = 5         # kl: fake-score steps per generator step (DMD2's two time scales)
     gen_sigma: float = 2.5        # kl: the generator's input is gen_sigma * z, z ~ N(0, I) (release)
     seed: int = 0
     log_every: int = 100          # steps between in-support / reward measurements in `history`
@@ -114,7 +121,7 @@ class ToyConfig:
         for value, allowed in ((self.dataset, DATASETS), (self.reward, REWARDS), (self.method, METHODS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
-        for field in ("steps", "policy_samples", "n_data", "n_eval", "hidden", "t_dim"):
+        for field in ("steps", "policy_samples", "fake_updates", "n_data", "n_eval", "hidden", "t_dim"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
         if self.batch < 0:
@@ -340,12 +347,13 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
         loss_policy.backward()
         policy_opt.step()
 
-        # 4. kl only: the fake score.
+        # 4. kl only: the fake score, fake_updates steps on the generator's latest actions.
         if cfg.method == "kl":
-            loss_fake = fake_loss(a_q, *edm_draws(Q))
-            fake_opt.zero_grad()
-            loss_fake.backward()
-            fake_opt.step()
+            for _ in range(cfg.fake_updates):
+                loss_fake = fake_loss(a_q, *edm_draws(Q))
+                fake_opt.zero_grad()
+                loss_fake.backward()
+                fake_opt.step()
             log["loss_fake"] = loss_fake.item()
 
         if step % 50 == 0 or step == cfg.steps - 1:
@@ -465,6 +473,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=None,
                    help="regulariser weight: the policy minimises alpha * regulariser - mean Q; "
                         "None: per method, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_ALPHA.items()))
+    p.add_argument("--fake-updates", type=int, default=d.fake_updates,
+                   help="kl: fake-score updates per generator update (DMD2's two time scales; with 1 the "
+                        "generator outruns the fake score and collapses off the data)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--compile", action="store_true",
@@ -490,7 +501,7 @@ def main(argv=None):
                 cfg = ToyConfig(dataset=dataset, reward=reward, method=method, steps=args.steps,
                                 batch=args.batch, policy_samples=args.policy_samples,
                                 alpha=args.alpha, lr=args.lr, seed=args.seed, compile=args.compile,
-                                log_every=args.log_every)
+                                log_every=args.log_every, fake_updates=args.fake_updates)
                 t0 = time.perf_counter()
                 res = train(cfg)
                 res["measures"]["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -1,4 +1,4 @@
-"""The 2-D toy experiments (dtql_fast.toy): data, rewards, the figure file, and a short tr run."""
+"""The 2-D toy experiments (dtql_fast.toy): data, rewards, config checks, figures, training runs."""
 import json
 import math
 import struct
@@ -7,16 +7,6 @@ import pytest
 import torch
 
 from dtql_fast import toy
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy's matrices are small: a second OpenMP thread gains little, and on a busy CPU a
-    descheduled thread stalls every op (measured: 20x slower with 2 threads next to another job)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- data ----------------------------------------------------------------------------------------

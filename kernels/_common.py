@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 # Elements of one (rows x actions) tile handled per program and per noise level. The ops are
 # memory- and launch-bound at the trainer's shapes (B*K*A <= 65k), so this only needs to keep
@@ -78,6 +79,16 @@ def _check_common(op: str, named: dict[str, torch.Tensor]) -> None:
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (got strides {tuple(t.stride())} for "
                              f"shape {tuple(t.shape)}); call .contiguous() on it first")
+
+
+@triton.jit
+def row_tile(pid, B, A, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Program pid's BLOCK_B rows of a (B, A) array: row and column indices, and the masks for the
+    ragged edges (row_ok for per-row values, mask for the (BLOCK_B, BLOCK_A) tile)."""
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_A)
+    row_ok = rows < B
+    return rows, cols, row_ok, row_ok[:, None] & (cols < A)[None, :]
 
 
 def tile(B: int, A: int) -> tuple[int, int, int]:

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
-from ._common import check_edm_inputs, check_grad, require_float32, tile, uses_triton
+from ._common import check_edm_inputs, check_grad, require_float32, row_tile, tile, uses_triton
 
 
 @triton.jit
@@ -62,21 +62,25 @@ def _residual(f, x, s, n, sigma_data, max_action, CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _load_level(f_ptr, sigma_ptr, noise_ptr, rows, cols, row_ok, mask, A, k, K: tl.constexpr):
+    """Noise level k of a row tile: sigma (BLOCK_B, 1), the offsets into F and noise, F and noise."""
+    # other=1 keeps masked lanes finite; callers zero or mask them out.
+    s = tl.load(sigma_ptr + rows * K + k, mask=row_ok, other=1.0)[:, None]
+    offs = (rows * K + k)[:, None] * A + cols[None, :]
+    f = tl.load(f_ptr + offs, mask=mask, other=0.0)
+    n = tl.load(noise_ptr + offs, mask=mask, other=0.0)
+    return s, offs, f, n
+
+
+@triton.jit
 def _fwd(f_ptr, x_ptr, sigma_ptr, noise_ptr, partial_ptr, B, A, sigma_data, max_action, inv_n,
          K: tl.constexpr, CLAMP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_A)
-    row_ok = rows < B
-    mask = row_ok[:, None] & (cols < A)[None, :]
+    rows, cols, row_ok, mask = row_tile(pid, B, A, BLOCK_B, BLOCK_A)
     x = tl.load(x_ptr + rows[:, None] * A + cols[None, :], mask=mask, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_A), dtype=tl.float32)
     for k in tl.static_range(K):
-        # other=1 keeps masked lanes finite; they are zeroed before the sum.
-        s = tl.load(sigma_ptr + rows * K + k, mask=row_ok, other=1.0)[:, None]
-        offs = (rows * K + k)[:, None] * A + cols[None, :]
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0)
-        n = tl.load(noise_ptr + offs, mask=mask, other=0.0)
+        s, offs, f, n = _load_level(f_ptr, sigma_ptr, noise_ptr, rows, cols, row_ok, mask, A, k, K)
         r, _, _ = _residual(f, x, s, n, sigma_data, max_action, CLAMP)
         acc += tl.where(mask, r * r, 0.0)
     # Scaled here so the host needs one reduction, not a reduction and a division.
@@ -87,19 +91,13 @@ def _fwd(f_ptr, x_ptr, sigma_ptr, noise_ptr, partial_ptr, B, A, sigma_data, max_
 def _bwd(grad_ptr, f_ptr, x_ptr, sigma_ptr, noise_ptr, grad_f_ptr, grad_x_ptr, B, A,
          sigma_data, max_action, scale,
          K: tl.constexpr, CLAMP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_A)
-    row_ok = rows < B
-    mask = row_ok[:, None] & (cols < A)[None, :]
+    rows, cols, row_ok, mask = row_tile(tl.program_id(0), B, A, BLOCK_B, BLOCK_A)
     # d loss / d r = 2 r * grad / N; the upstream gradient is read on device (no host sync).
     w = tl.load(grad_ptr) * scale
     x = tl.load(x_ptr + rows[:, None] * A + cols[None, :], mask=mask, other=0.0)
     grad_x = tl.zeros((BLOCK_B, BLOCK_A), dtype=tl.float32)
     for k in tl.static_range(K):
-        s = tl.load(sigma_ptr + rows * K + k, mask=row_ok, other=1.0)[:, None]
-        offs = (rows * K + k)[:, None] * A + cols[None, :]
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0)
-        n = tl.load(noise_ptr + offs, mask=mask, other=0.0)
+        s, offs, f, n = _load_level(f_ptr, sigma_ptr, noise_ptr, rows, cols, row_ok, mask, A, k, K)
         r, passed, dr_dx = _residual(f, x, s, n, sigma_data, max_action, CLAMP)
         g = w * r
         tl.store(grad_f_ptr + offs, tl.where(passed, g, 0.0), mask=mask)

@@ -21,22 +21,24 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
-from ._common import check_edm_inputs, check_grad, require_float32, tile, uses_triton
+from ._common import check_edm_inputs, check_grad, require_float32, row_tile, tile, uses_triton
+
+
+@triton.jit
+def _c_in(s, sigma_data):
+    # Correctly rounded sqrt/div, like torch's, instead of the GPU's approximate defaults.
+    return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.sqrt_rn(s * s + sigma_data * sigma_data))
 
 
 @triton.jit
 def _fwd(x_ptr, sigma_ptr, noise_ptr, x_in_ptr, t_ptr, B, A, sigma_data,
          K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_A)
-    row_ok = rows < B
-    mask = row_ok[:, None] & (cols < A)[None, :]
+    rows, cols, row_ok, mask = row_tile(tl.program_id(0), B, A, BLOCK_B, BLOCK_A)
     x = tl.load(x_ptr + rows[:, None] * A + cols[None, :], mask=mask, other=0.0)
     for k in tl.static_range(K):
         # other=1 keeps masked lanes finite (log, division) without affecting stored lanes.
         s = tl.load(sigma_ptr + rows * K + k, mask=row_ok, other=1.0)
-        # Correctly rounded sqrt/div, like torch's, instead of the GPU's approximate defaults.
-        c_in = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.sqrt_rn(s * s + sigma_data * sigma_data))
+        c_in = _c_in(s, sigma_data)
         offs = (rows * K + k)[:, None] * A + cols[None, :]
         n = tl.load(noise_ptr + offs, mask=mask, other=0.0)
         tl.store(x_in_ptr + offs, c_in[:, None] * (x + s[:, None] * n), mask=mask)
@@ -46,15 +48,12 @@ def _fwd(x_ptr, sigma_ptr, noise_ptr, x_in_ptr, t_ptr, B, A, sigma_data,
 @triton.jit
 def _bwd(grad_ptr, sigma_ptr, grad_x_ptr, B, A, sigma_data,
          K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_A)
-    row_ok = rows < B
-    mask = row_ok[:, None] & (cols < A)[None, :]
+    rows, cols, row_ok, mask = row_tile(tl.program_id(0), B, A, BLOCK_B, BLOCK_A)
     acc = tl.zeros((BLOCK_B, BLOCK_A), dtype=tl.float32)
     # x feeds all K noisy copies of its row, so its gradient sums them, in a fixed order.
     for k in tl.static_range(K):
         s = tl.load(sigma_ptr + rows * K + k, mask=row_ok, other=1.0)
-        c_in = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.sqrt_rn(s * s + sigma_data * sigma_data))
+        c_in = _c_in(s, sigma_data)
         g = tl.load(grad_ptr + (rows * K + k)[:, None] * A + cols[None, :], mask=mask, other=0.0)
         acc += c_in[:, None] * g
     tl.store(grad_x_ptr + rows[:, None] * A + cols[None, :], acc, mask=mask)

@@ -264,8 +264,8 @@ def train(cfg: ToyConfig, progress: bool = True) -> dict:
         g = generator(cfg.gen_sigma * eps, s[:n], t_gen[:n])
         return max_action * torch.tanh(g / max_action)
 
-    # The step's three losses, each a pure function of the batch and its random draws (drawn outside,
-    # so compiled and eager runs consume the same random stream).
+    # The step's losses (kl adds fake_loss), each a pure function of the batch and its random draws
+    # (drawn outside, so compiled and eager runs consume the same random stream).
     def critic_loss(a, r_a):
         # IQL, bandit form: Q regresses onto r; V is the expectile of min(Q1, Q2).
         q1, q2 = critic.q(s[:B], a)

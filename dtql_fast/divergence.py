@@ -33,43 +33,76 @@ def what_is_kept(last_good: tuple[Path, int] | None) -> str:
 
 
 class WeightWatch:
-    """max |w| over every parameter of the agent's networks: NaN if any weight is NaN, inf if any is inf."""
+    """max |w| over every parameter of the agent's networks: NaN if any weight is NaN, inf if any is inf.
+    With `seeds` (a group's packed tensors, seed dimension first): one such maximum per seed."""
 
-    def __init__(self, params: dict[str, dict[str, torch.Tensor]]):
+    def __init__(self, params: dict[str, dict[str, torch.Tensor]], seeds: list[int] | None = None):
         # FastDTQL.params(): the same tensors for the whole run, updated in place by the step
         # and by load_state_dict.
         self.params = [p for net in params.values() for p in net.values()]
+        self.seeds = seeds
 
     def queue(self) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(self.params, math.inf)).max()
+        if self.seeds is None:
+            return torch.stack(torch._foreach_norm(self.params, math.inf)).max()
+        per_tensor = [torch.linalg.vector_norm(p.flatten(1), math.inf, dim=1) for p in self.params]
+        return torch.stack(per_tensor).amax(dim=0)
 
 
-def check_log_row(step: int, metrics: dict[str, float], weight_max: torch.Tensor):
-    """Raise Diverged if a logged loss or the weights are not finite (after the log read synced)."""
-    bad = [f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
-    w = weight_max.item()
-    if not math.isfinite(w):
-        bad.append(f"the largest |weight| = {w}")
+def check_log_row(step: int, metrics: dict[str, float] | list[dict[str, float]], weight_max: torch.Tensor,
+                  seeds: list[int] | None = None):
+    """Raise Diverged if a logged loss or the weights are not finite (after the log read synced).
+    A group's metrics are one dict per seed and weight_max one value per seed; what is not finite is
+    named with its seed."""
+    if seeds is None:
+        metrics, weights, labels = [metrics], [weight_max.item()], [""]
+    else:
+        weights, labels = weight_max.tolist(), [f"seed {s}: " for s in seeds]
+    bad = []
+    for label, m, w in zip(labels, metrics, weights):
+        bad += [f"{label}{k} = {v}" for k, v in m.items() if not math.isfinite(v)]
+        if not math.isfinite(w):
+            bad.append(f"{label}the largest |weight| = {w}")
     if bad:
         raise Diverged(step, ", ".join(bad))
 
 
 def check_state(step: int, agent_state: dict):
-    """Raise Diverged, naming what, if any tensor of FastDTQL.state_dict() is not finite."""
-    flat = dict(_tensors(agent_state))
+    """Raise Diverged, naming what (and in a group, whose seed), if any tensor of FastDTQL.state_dict()
+    is not finite."""
+    flat = {}
+    for label, part in _parts(agent_state):
+        flat.update({(label, k): t for k, t in _tensors(part)})
     ok = torch.stack([torch.isfinite(t).all() for t in flat.values()]).tolist()
     bad = [k for k, good in zip(flat, ok) if not good]
     if not bad:
         return
     names = []
-    for k in bad:
+    for label, k in bad:
         if k == "metric_sum":  # the open log interval's running loss sums, one per METRICS entry
-            sums = agent_state["metric_sum"].tolist()
-            names += [f"{m} (running sum {v})" for m, v in zip(METRICS, sums) if not math.isfinite(v)]
+            sums = flat[(label, k)].tolist()
+            names += [f"{label}{m} (running sum {v})" for m, v in zip(METRICS, sums) if not math.isfinite(v)]
         else:
-            names.append(k)
+            names.append(label + k)
     more = f" and {len(names) - 6} more" if len(names) > 6 else ""
     raise Diverged(step, "non-finite " + ", ".join(names[:6]) + more)
+
+
+def _parts(agent_state: dict):
+    """(label, state) pairs: the state itself for one agent; for a group, each seed's own part (its
+    networks, Adam moments and loss sums, labelled "seed S: ") and the part they share (counters, lrs)."""
+    seeds = agent_state.get("seeds")
+    if seeds is None:
+        yield "", agent_state
+        return
+    opts = agent_state["optimizers"]
+    for i, s in enumerate(seeds):
+        yield f"seed {s}: ", {
+            "modules": {k: v[i] for k, v in agent_state["modules"].items()},
+            "optimizers": {k: {m: o[m][i] for m in ("exp_avg", "exp_avg_sq")} for k, o in opts.items()},
+            "metric_sum": agent_state["metric_sum"][i]}
+    yield "", {"optimizers": {k: {m: o[m] for m in ("lr", "step")} for k, o in opts.items()},
+               "lr_step": agent_state["lr_step"], "metric_count": agent_state["metric_count"]}
 
 
 def _tensors(x, prefix=""):

@@ -1,12 +1,12 @@
 """python -m dtql_fast.report FOLDER: the sweep's table beside the paper's Table 1.
 
 FOLDER is a sweep (python -m dtql_fast.sweep --out) or any folder holding run folders (train.py's
---out) at any depth. Per task: the normalised score, mean ± std over seeds, at the last evaluation and
-at the best one (each seed's highest evaluation, then mean ± std over seeds), the paper's number and
-the differences. Writes report.md, report.csv and curves_<task>.png (mean over seeds with a ± std
-band) to --out (default FOLDER/report) and prints the Markdown. Runs not finished (still going, or
-stopped) count with their latest evaluation and are marked; failed runs are listed with their error and
-left out of the numbers.
+--out: one seed, or a seed group of train --seeds, read as its seeds) at any depth. Per task: the
+normalised score, mean ± std over seeds, at the last evaluation and at the best one (each seed's
+highest evaluation, then mean ± std over seeds), the paper's number and the differences. Writes
+report.md, report.csv and curves_<task>.png (mean over seeds with a ± std band) to --out (default
+FOLDER/report) and prints the Markdown. Runs not finished (still going, or stopped) count with their
+latest evaluation and are marked; failed runs are listed with their error and left out of the numbers.
 """
 from __future__ import annotations
 
@@ -84,19 +84,20 @@ def _read_run(d: Path) -> list[SeedRun]:
     cfg = runs.read_json(d / "config.json") or {}
     status = runs.read_status(d)
     task = cfg.get("task") or status.get("task") or d.name
-    seed = cfg.get("config", {}).get("seed", status.get("seed"))
     state = runs.run_state(d, None)
     train_rows, eval_rows = runs.metric_rows(d)
     total = runs.planned_steps_from_config(d)
     step = train_rows[-1]["step"] if train_rows else None
     error = status.get("error") if state == "failed" else None
-    # A group folder (several seeds trained in one process, config "seeds") tags each evaluation with its
-    # training seed; in a single-seed run an evaluation's "seed" is the evaluation env's seed.
-    group = cfg.get("config", {}).get("seeds")
-    seeds = list(group) if isinstance(group, list) and len(group) > 1 else [seed]
+    # A seed group's folder (train --seeds; the sweep writes "seeds" in status.json too, before config.json
+    # exists) holds every seed's rows, each tagged with its seed; a single run's rows are all its one seed's.
+    group = cfg.get("config", {}).get("seeds") or status.get("seeds")
+    if isinstance(group, list):
+        per_seed = [(s, [r for r in eval_rows if r.get("seed") == s]) for s in group]
+    else:
+        per_seed = [(cfg.get("config", {}).get("seed", status.get("seed")), eval_rows)]
     out = []
-    for s in seeds:
-        rows = [r for r in eval_rows if len(seeds) == 1 or r.get("seed") == s]
+    for s, rows in per_seed:
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
         out.append(SeedRun(task, s, d, state, evals, kind, step, total, error))

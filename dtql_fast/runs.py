@@ -4,7 +4,7 @@ Read from what `python -m dtql_fast.train` writes: config.json (at the start), m
 goes), summary.json (at the end) and checkpoint.pt / checkpoint.prev.pt (only whether they exist).
 The sweep adds status.json (the latest attempt's state) and attempts.jsonl (one line per attempt
 start and end), both written here. A run is finished when summary.json exists and its "steps" reaches
-the planned total.
+the planned total. A seed group's run (train --seeds) is one folder whose metric rows carry a `seed`.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class RunProgress:
     step: int | None = None
     total: int | None = None
     steps_per_s: float | None = None
-    score: float | None = None      # latest normalised score (or return when there is none)
+    score: float | None = None      # latest normalised score (or return when there is none); a group's mean
     error: str | None = None
     attempt: int = 0
     extra: dict = field(default_factory=dict)
@@ -153,9 +153,11 @@ def progress(run_dir: Path, planned: int | None) -> RunProgress:
                     attempt=status.get("attempt", 0))
     if train_rows:
         p.step, p.steps_per_s = train_rows[-1].get("step"), train_rows[-1].get("steps_per_s")
-    if eval_rows:
-        last = eval_rows[-1]
-        p.score = last.get("score_mean") if last.get("score_mean") is not None else last.get("return_mean")
+    if eval_rows:  # a group's latest evaluation is one row per seed: their mean
+        latest = [r for r in eval_rows if r.get("step") == eval_rows[-1].get("step")]
+        key = "score_mean" if all(r.get("score_mean") is not None for r in latest) else "return_mean"
+        values = [r[key] for r in latest if r.get(key) is not None]
+        p.score = sum(values) / len(values) if values else None
     if finished:
         p.step = (read_json(run_dir / "summary.json") or {}).get("steps", p.step)
     return p

@@ -1,8 +1,9 @@
-"""python -m dtql_fast.sweep: a grid of tasks x seeds, each run a `python -m dtql_fast.train` process
-scheduled by Ray (a local Ray by default, an existing cluster with --address).
+"""python -m dtql_fast.sweep: a grid of tasks x seeds on Ray (a local Ray by default, an existing cluster
+with --address). Each task's seeds are one run: one Ray task running one `python -m dtql_fast.train
+--seeds ...` process, which trains the whole seed group in one step.
 
-Layout: OUT/sweep.json (what the sweep runs, and how each run ended), OUT/<task>/seed<k>/ (a train
-run folder, plus status.json, attempts.jsonl and train.log written here).
+Layout: OUT/sweep.json (what the sweep runs, and how each run ended), OUT/<task>/ (the task's train run
+folder, seed group and all, plus status.json, attempts.jsonl and train.log written here).
 
 Nothing lost, nothing done twice:
 - a finished run (summary.json with the planned number of steps) is skipped;
@@ -25,11 +26,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs
 from .runs import RunProgress
+from .seeds import SeedListError, format_seeds, parse_seeds
 
 # Train flags that say where and how fast a run goes, not what it computes: they may change between
 # invocations of the same sweep. (checkpoint_every: time-based checkpoints, when train.py has them.)
@@ -43,6 +45,9 @@ KILLED_BY_SIGNAL = "killed"
 # because the run folders already sit on storage every node shares, and Ray's own cancel cannot reach
 # a task blocked waiting on its process.
 STOP_FILE = "STOP"
+# sweep.json's "layout": one run folder per task, its seeds trained as one group. (Sweeps made before seed
+# groups kept one folder per seed and no layout; a re-run into one is refused rather than mixed.)
+LAYOUT = "seed-groups"
 
 
 class SweepError(ValueError):
@@ -69,9 +74,9 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: one task, one seed, one run folder."""
+    """One training run: one task's seed group, one process, one run folder, one Ray task."""
     task: str
-    seed: int
+    seeds: tuple[int, ...]
     run_dir: str
     train_args: tuple[str, ...]
     planned_steps: int
@@ -80,20 +85,13 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.task} seed {self.seed}"
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """What one Ray task runs, with its resources. Today one run; a task's whole seed group once train.py
-    trains several seeds in one process (then `runs` holds the group and one command trains them)."""
-    runs: tuple[RunSpec, ...]
+        return f"{self.task} seeds {format_seeds(self.seeds)}"
 
 
 @dataclass
 class RunResult:
     task: str
-    seed: int
+    seeds: tuple[int, ...]
     run_dir: str
     state: str                   # finished, failed, interrupted, skipped (finished before this sweep)
     steps: int | None = None
@@ -102,29 +100,6 @@ class RunResult:
 
 
 # -- input ------------------------------------------------------------------------------------------
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0-4' -> (0, 1, 2, 3, 4); '0,2,5'; '0-2,7'."""
-    how = "write a range as low-high (0-4 is seeds 0,1,2,3,4) or a comma-separated list (0,2,5), or both (0-2,7)"
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
-            raise SweepError(f"--seeds {text!r}: {part!r} is not a seed or a range of seeds; {how}") from None
-        if a < 0 or b < 0:
-            raise SweepError(f"--seeds {text!r}: seeds are non-negative integers; {how}")
-        if b < a:
-            raise SweepError(f"--seeds {text!r}: the range {part!r} goes down; {how}")
-        seeds.extend(range(a, b + 1))
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
-    if dup:
-        raise SweepError(f"--seeds {text!r} lists seed(s) {dup} more than once")
-    return tuple(seeds)
-
 
 def parse_tasks(text: str) -> tuple[str, ...]:
     from .tasks import UnknownTaskError
@@ -183,7 +158,7 @@ def _absolute_dataset(train_args: tuple[str, ...]) -> tuple[str, ...]:
 def _identity(train_args: tuple[str, ...], task: str) -> dict:
     """The train settings that change a run's numbers (compared between invocations of one sweep)."""
     cfg = dataclasses.asdict(_train_config(train_args, task))
-    return {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS | {"task", "seed", "out", "resume"}}
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS | {"task", "seed", "seeds", "out", "resume"}}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -197,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dtql_fast.sweep", formatter_class=_HelpFormatter, allow_abbrev=False,
         description="Train a grid of tasks x seeds on Ray: a local Ray by default, an existing cluster with\n"
-                    "--address. Each run is one `python -m dtql_fast.train` process writing its own run folder\n"
-                    "OUT/<task>/seed<k>/. Running the same command again skips finished runs, resumes\n"
-                    "interrupted ones from their checkpoints and tries failed ones again.",
+                    "--address. Each task's seeds are one run: one Ray task, one `python -m dtql_fast.train --seeds`\n"
+                    "process training the seed group in one step, one run folder OUT/<task>/. Running the same\n"
+                    "command again skips finished runs, resumes interrupted ones from their checkpoints and tries\n"
+                    "failed ones again.",
         epilog="Every other flag is passed to each run's python -m dtql_fast.train (see its --help), e.g.\n"
                "  python -m dtql_fast.sweep --tasks hopper-medium-v2,walker2d-medium-v2 --seeds 0-4 \\\n"
                "      --out sweeps/gym --dataset ~/.d4rl/datasets --compile\n"
@@ -207,14 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--tasks", required=True, metavar="A,B,...",
       help="comma-separated task names (D4RL names of the paper's table, or Minari ids)")
-    a("--seeds", required=True, metavar="LIST", help="seeds: a range 0-4, a list 0,2,5, or both 0-2,7")
+    a("--seeds", required=True, metavar="LIST",
+      help="seeds: a range 0-4, a list 0,2,5, or both 0-2,7; each task trains them as one group, in one process")
     a("--out", required=True, metavar="DIR", help="the sweep's folder (on a cluster: a path every node sees)")
     a("--address", metavar="ADDR", help="an existing Ray cluster to run on (e.g. auto, or ray://HOST:10001); "
                                         "default: start a local Ray")
     a("--num-cpus", type=int, metavar="N", help="CPUs the local Ray may use (default: all); not with --address")
     a("--cpus-per-run", type=float, default=1.0, metavar="N",
-      help="CPUs Ray reserves for each run; also its torch threads unless you pass --threads")
-    a("--gpus-per-run", type=float, default=0.0, metavar="F", help="GPUs Ray reserves for each run (0.5: two per GPU)")
+      help="CPUs Ray reserves for each run (a task's seed group); also its torch threads unless you pass --threads")
+    a("--gpus-per-run", type=float, default=0.0, metavar="F",
+      help="GPUs Ray reserves for each run, a task's seed group (0.5: two per GPU)")
     a("--max-retries", type=int, default=3, metavar="N",
       help="times Ray retries a run whose process was killed (a signal, a dead worker or node); a run that "
            "exits with an error is not retried")
@@ -226,7 +204,7 @@ def parse_args(argv=None) -> SweepConfig:
     p = build_parser()
     ns, extra = p.parse_known_args(argv)
     try:
-        tasks, seeds = parse_tasks(ns.tasks), parse_seeds(ns.seeds)
+        tasks, seeds = parse_tasks(ns.tasks), _sweep_seeds(ns.seeds)
         if ns.cpus_per_run <= 0:
             raise SweepError(f"--cpus-per-run {ns.cpus_per_run}: must be positive")
         if ns.gpus_per_run < 0:
@@ -245,10 +223,18 @@ def parse_args(argv=None) -> SweepConfig:
                        gpus_per_run=ns.gpus_per_run, max_retries=ns.max_retries, refresh=ns.refresh)
 
 
+def _sweep_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return parse_seeds(text)
+    except SeedListError as e:
+        raise SweepError(str(e)) from None
+
+
 # -- planning ---------------------------------------------------------------------------------------
 
-def run_dir_for(out: Path, task: str, seed: int) -> Path:
-    return out / task.replace("/", "_") / f"seed{seed}"
+def run_dir_for(out: Path, task: str) -> Path:
+    """A task's run folder: its whole seed group."""
+    return out / task.replace("/", "_")
 
 
 def stop_file_for(out: Path) -> Path:
@@ -263,15 +249,9 @@ def plan_runs(cfg: SweepConfig) -> list[RunSpec]:
     for task in cfg.tasks:
         tcfg = _train_config(cfg.train_args, task)
         planned = runs.total_steps(tcfg.hyper(runs.base_hyper(task, tcfg.dataset)))
-        for seed in cfg.seeds:
-            specs.append(RunSpec(task, seed, str(run_dir_for(out, task, seed)), cfg.train_args, planned, threads,
-                                 stop))
+        specs.append(RunSpec(task, tuple(cfg.seeds), str(run_dir_for(out, task)), cfg.train_args, planned, threads,
+                             stop))
     return specs
-
-
-def build_work_units(specs: list[RunSpec]) -> list[WorkUnit]:
-    """One Ray task per run. (With multi-seed training: one per task, holding its seeds.)"""
-    return [WorkUnit((s,)) for s in specs]
 
 
 # -- one run, inside a Ray worker -------------------------------------------------------------------
@@ -292,7 +272,7 @@ def train_command(spec: RunSpec, resume: bool) -> list[str]:
     if resume:
         cmd += ["--resume", spec.run_dir]
     else:
-        cmd += ["--task", spec.task, "--seed", str(spec.seed), "--out", spec.run_dir]
+        cmd += ["--task", spec.task, "--seeds", format_seeds(spec.seeds), "--out", spec.run_dir]
     cmd += list(spec.train_args)
     if not any(a == "--threads" or a.startswith("--threads=") for a in spec.train_args):
         cmd += ["--threads", str(spec.threads)]
@@ -372,9 +352,9 @@ def execute_run(spec: RunSpec) -> RunResult:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if runs.is_finished(run_dir, spec.planned_steps):
-        return RunResult(spec.task, spec.seed, spec.run_dir, "skipped", steps=spec.planned_steps)
+        return RunResult(spec.task, spec.seeds, spec.run_dir, "skipped", steps=spec.planned_steps)
     if spec.stop_file and os.path.exists(spec.stop_file):
-        return RunResult(spec.task, spec.seed, spec.run_dir, "interrupted", error="the sweep was stopped")
+        return RunResult(spec.task, spec.seeds, spec.run_dir, "interrupted", error="the sweep was stopped")
     _wait_for_previous_attempt(run_dir)
     resume = runs.has_checkpoint(run_dir)
     if not resume:
@@ -382,7 +362,7 @@ def execute_run(spec: RunSpec) -> RunResult:
     attempt = sum(1 for a in runs.attempts(run_dir) if a.get("event") == "start") + 1
     cmd = train_command(spec, resume)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), PYTHONUNBUFFERED="1")
-    base = dict(task=spec.task, seed=spec.seed, attempt=attempt, host=socket.gethostname(), worker_pid=os.getpid(),
+    base = dict(task=spec.task, seeds=list(spec.seeds), attempt=attempt, host=socket.gethostname(), worker_pid=os.getpid(),
                 command=cmd)
     with open(run_dir / runs.LOG, "ab") as log:
         log.write(f"\n=== attempt {attempt}: {' '.join(cmd)}\n".encode())
@@ -424,12 +404,7 @@ def execute_run(spec: RunSpec) -> RunResult:
         state, error = "failed", error_message(run_dir / runs.LOG)
     runs.write_status(run_dir, state=state, exit_code=rc, error=error, ended=ended, **base)
     runs.append_attempt(run_dir, event="end", state=state, exit_code=rc, time=ended)
-    return RunResult(spec.task, spec.seed, spec.run_dir, state, steps=steps, error=error, attempts=attempt)
-
-
-def run_unit(unit: WorkUnit) -> list[RunResult]:
-    """The body of one Ray task."""
-    return [execute_run(spec) for spec in unit.runs]
+    return RunResult(spec.task, spec.seeds, spec.run_dir, state, steps=steps, error=error, attempts=attempt)
 
 
 # -- the live view ----------------------------------------------------------------------------------
@@ -439,14 +414,17 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 
 def render_rows(specs: list[RunSpec], progress: list[RunProgress]) -> list[str]:
-    """One line per run: task, seed, state, step/total, steps/s, latest score, note."""
+    """One line per run (a task's seed group): task, seeds, state, step/total, steps/s (of the group's
+    step: every seed advances one step), the latest score (mean over the seeds), note."""
     w = max([len("task")] + [len(s.task) for s in specs])
-    lines = [f"{'task':<{w}}  {'seed':>4}  {'state':<11}  {'step':>15}  {'steps/s':>8}  {'score':>7}  note"]
-    for s, p in zip(specs, progress):
+    seeds = [format_seeds(s.seeds) for s in specs]
+    ws = max([len("seeds")] + [len(x) for x in seeds])
+    lines = [f"{'task':<{w}}  {'seeds':<{ws}}  {'state':<11}  {'step':>15}  {'steps/s':>8}  {'score':>7}  note"]
+    for s, label, p in zip(specs, seeds, progress):
         step = f"{_fmt(p.step, ',', '0')}/{_fmt(p.total, ',')}"
         note = p.error or (f"attempt {p.attempt}" if p.attempt > 1 else "")
         sps = p.steps_per_s if p.state == "running" else None
-        lines.append(f"{s.task:<{w}}  {s.seed:>4}  {p.state:<11}  {step:>15}  {_fmt(sps, '.1f'):>8}  "
+        lines.append(f"{s.task:<{w}}  {label:<{ws}}  {p.state:<11}  {step:>15}  {_fmt(sps, '.1f'):>8}  "
                      f"{_fmt(p.score, '.1f'):>7}  {note}")
     return lines
 
@@ -501,8 +479,17 @@ def _ray():
 
 
 def _check_manifest(out: Path, cfg: SweepConfig) -> dict:
-    """A sweep folder keeps one set of train settings: refuse a re-run that would mix two."""
+    """A sweep folder keeps one layout, one seed list and one set of train settings: refuse a re-run that
+    would mix two."""
     manifest = runs.read_json(out / "sweep.json") or {}
+    if manifest and manifest.get("layout") != LAYOUT:
+        raise SweepError(f"{out} holds a sweep made before seed groups (one run folder per seed); sweep into "
+                         "another --out (python -m dtql_fast.report still reads it)")
+    old_seeds = manifest.get("seeds")
+    if old_seeds is not None and list(old_seeds) != list(cfg.seeds):
+        raise SweepError(f"{out} was swept with --seeds {format_seeds(old_seeds)}, not {format_seeds(cfg.seeds)}: "
+                         f"each task's seeds train as one group in one run folder; re-run with --seeds "
+                         f"{format_seeds(old_seeds)}, or sweep the other seeds into another --out")
     new = _identity(cfg.train_args, cfg.tasks[0])
     old = manifest.get("train_settings")
     if old is not None and old != new:
@@ -526,13 +513,13 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
     results: dict[str, RunResult] = {}
     for s in specs:
         if runs.is_finished(Path(s.run_dir), s.planned_steps):
-            results[s.run_dir] = RunResult(s.task, s.seed, s.run_dir, "skipped", steps=s.planned_steps)
+            results[s.run_dir] = RunResult(s.task, s.seeds, s.run_dir, "skipped", steps=s.planned_steps)
     todo = [s for s in specs if s.run_dir not in results]
-    manifest.update(tasks=list(cfg.tasks), seeds=list(cfg.seeds), train_args=list(cfg.train_args),
+    manifest.update(layout=LAYOUT, tasks=list(cfg.tasks), seeds=list(cfg.seeds), train_args=list(cfg.train_args),
                     train_settings=_identity(cfg.train_args, cfg.tasks[0]), started=time.time())
     runs.write_json_atomic(out / "sweep.json", manifest)
-    print(f"sweep {out}: {len(specs)} runs ({len(cfg.tasks)} task(s) x {len(cfg.seeds)} seed(s)), "
-          f"{len(results)} already finished, {len(todo)} to run", file=stream)
+    print(f"sweep {out}: {len(cfg.tasks)} task(s) x {len(cfg.seeds)} seed(s) ({format_seeds(cfg.seeds)}), one run "
+          f"(one process) per task; {len(results)} already finished, {len(todo)} to run", file=stream)
 
     started_ray = False
     if todo and not ray.is_initialized():
@@ -545,17 +532,16 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
     view = LiveView(specs, stream, skipped=set(results), since=manifest["started"])
     try:
         if todo:
-            remote = ray.remote(run_unit).options(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run,
-                                                  max_retries=cfg.max_retries, retry_exceptions=[RunKilled])
-            pending = {remote.remote(unit): unit for unit in build_work_units(todo)}
+            remote = ray.remote(execute_run).options(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run,
+                                                     max_retries=cfg.max_retries, retry_exceptions=[RunKilled])
+            pending = {remote.remote(spec): spec for spec in todo}
             view.refresh(force=True)
             try:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.refresh)
                     for ref in done:
-                        unit = pending.pop(ref)
-                        for r in _collect(ray, ref, unit, cfg):
-                            results[r.run_dir] = r
+                        r = _collect(ray, ref, pending.pop(ref), cfg)
+                        results[r.run_dir] = r
                     view.refresh()
             except KeyboardInterrupt:
                 print("\ninterrupted: stopping the runs (each saves a checkpoint); re-run the same command to "
@@ -563,15 +549,14 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
                 stop.touch()
                 done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=180)
                 for ref in done:
-                    for r in _collect(ray, ref, pending[ref], cfg):
-                        results[r.run_dir] = r
+                    r = _collect(ray, ref, pending[ref], cfg)
+                    results[r.run_dir] = r
                 view.refresh(force=True)
                 raise
         view.refresh(force=True)
     finally:
         final = [results.get(s.run_dir) for s in specs]
-        manifest["runs"] = {f"{s.task}/seed{s.seed}": dataclasses.asdict(r) if r else {"state": "not run"}
-                            for s, r in zip(specs, final)}
+        manifest["runs"] = {s.task: dataclasses.asdict(r) if r else {"state": "not run"} for s, r in zip(specs, final)}
         manifest["ended"] = time.time()
         runs.write_json_atomic(out / "sweep.json", manifest)
         if started_ray:
@@ -582,25 +567,22 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
     return ordered
 
 
-def _collect(ray, ref, unit: WorkUnit, cfg: SweepConfig) -> list[RunResult]:
-    """A unit's results; a unit Ray gave up on (killed on every attempt, or the sweep's own code failing in
-    the worker) is recorded as failed with the reason."""
+def _collect(ray, ref, spec: RunSpec, cfg: SweepConfig) -> RunResult:
+    """A run's result; a run Ray gave up on (killed on every attempt, or the sweep's own code failing in the
+    worker) is recorded as failed with the reason."""
     try:
         return ray.get(ref)
     except Exception as e:  # RayTaskError(RunKilled), WorkerCrashedError, NodeDiedError, ...
         why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         killed = (isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))
                   or isinstance(e, RunKilled) or isinstance(getattr(e, "cause", None), RunKilled))
-        results = []
-        for s in unit.runs:
-            run_dir = Path(s.run_dir)
-            error = (f"killed on all {cfg.max_retries + 1} attempt(s); Ray gave up ({why})" if killed
-                     else f"the sweep failed in the Ray worker: {type(e).__name__}: {why}")
-            n = sum(1 for a in runs.attempts(run_dir) if a.get("event") == "start")
-            runs.write_status(run_dir, state="failed", error=error, task=s.task, seed=s.seed, attempt=n,
-                              ended=time.time())
-            results.append(RunResult(s.task, s.seed, s.run_dir, "failed", error=error, attempts=n))
-        return results
+        run_dir = Path(spec.run_dir)
+        error = (f"killed on all {cfg.max_retries + 1} attempt(s); Ray gave up ({why})" if killed
+                 else f"the sweep failed in the Ray worker: {type(e).__name__}: {why}")
+        n = sum(1 for a in runs.attempts(run_dir) if a.get("event") == "start")
+        runs.write_status(run_dir, state="failed", error=error, task=spec.task, seeds=list(spec.seeds), attempt=n,
+                          ended=time.time())
+        return RunResult(spec.task, spec.seeds, spec.run_dir, "failed", error=error, attempts=n)
 
 
 def _print_outcome(results: list[RunResult], stream):
@@ -610,7 +592,7 @@ def _print_outcome(results: list[RunResult], stream):
     print("done: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())), file=stream)
     for r in results:
         if r.state == "failed":
-            print(f"  failed: {r.task} seed {r.seed}: {r.error}", file=stream)
+            print(f"  failed: {r.task} seeds {format_seeds(r.seeds)}: {r.error}", file=stream)
 
 
 def _stop(signum, frame):

@@ -1,6 +1,8 @@
 """python -m dtql_fast.train: config -> data -> agent -> loop (progress, metrics, eval, checkpoints).
 
 With no arguments it builds a small Reacher dataset offline, trains on it and prints the scores.
+`--seeds 0-4` trains a group of independent agents in one process, one step for all of them
+(FastDTQL(seeds=...)): metric and evaluation rows per seed, and the mean ± std over seeds.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -22,8 +25,9 @@ from tqdm import tqdm
 
 from . import checkpoint, divergence, runfolder
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, load_dataset
-from .evaluate import evaluate, make_act_fn
+from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from .profiling.ranges import ProfileWindow, phase
+from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
 from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
 from .transitions import DatasetError
 from .update import FastDTQL, StepRunner
@@ -33,7 +37,8 @@ from .update import FastDTQL, StepRunner
 class TrainConfig:
     task: str = OFFLINE_DATASET_ID
     dataset: str | None = None
-    seed: int = 0
+    seed: int | None = None            # one agent; None: seed 0 (or, resuming, the checkpoint's)
+    seeds: list[int] | None = None     # a group of agents trained in one step; exclusive with seed
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
@@ -85,10 +90,15 @@ def parse_args(argv=None) -> TrainConfig:
            "(e.g. mujoco/walker2d/medium-v0)")
     a("--dataset", help="path to the D4RL HDF5 file (default: the D4RL cache, ~/.d4rl/datasets); "
                         "for a Minari id, the Minari datasets folder")
-    a("--seed", type=int, default=0, help="seeds weights, batches, noise and evaluation")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--seed", type=int, help="one agent: seeds weights, batches, noise and evaluation (default: 0)")
+    who.add_argument("--seeds", metavar="LIST",
+                     help="a group of independent agents trained together, one step for all: a range 0-4, a list "
+                          "0,3,7, or both 0-2,7; seed s starts from --seed s's weights and is evaluated on its envs")
     a("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>)")
+    a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
+                    "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")
     a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run")
     a("--compile", action="store_true",
       help="torch.compile(fullgraph=True) the whole step; on CUDA also replay it as a CUDA graph")
@@ -117,6 +127,13 @@ def parse_args(argv=None) -> TrainConfig:
     h.add_argument("--expectile", type=float)
     h.add_argument("--noise-levels", type=int, help="K noise levels per row in both EDM losses (1: the paper)")
     ns = p.parse_args(argv)
+    if ns.seed is not None and ns.seed < 0:
+        p.error(f"--seed {ns.seed}: seeds are non-negative integers")
+    if ns.seeds is not None:
+        try:
+            ns.seeds = list(parse_seeds(ns.seeds))
+        except SeedListError as e:
+            p.error(str(e))
     if ns.checkpoint_every < 0 or not math.isfinite(ns.checkpoint_every):
         p.error(f"--checkpoint-every takes minutes >= 0 (0: only at evaluations and the end), got {ns.checkpoint_every}")
     return TrainConfig(**{k: v for k, v in vars(ns).items()})
@@ -170,7 +187,8 @@ class MetricLog:
 
 
 def plot_curves(out: Path):
-    """learning_curves.png from metrics.jsonl: losses over steps, and evaluation scores."""
+    """learning_curves.png from metrics.jsonl: losses over steps, and evaluation scores. A group's rows
+    (one per seed and step) are drawn as their mean with a ± std band across the seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -178,23 +196,39 @@ def plot_curves(out: Path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
+    n_seeds = len({r.get("seed") for r in train}) if train and "seed" in train[0] else 1
     keys = ["loss_q", "loss_v", "loss_bc", "loss_tr", "loss_pq"]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
     for ax, k in zip(axes, keys):
-        pts = [(r["step"], r[k]) for r in train if k in r]
-        if pts:
-            ax.plot(*zip(*pts))
+        _plot_mean_band(ax, [(r["step"], r[k]) for r in train if k in r])
         ax.set_title(k)
         ax.set_xlabel("step")
     ax = axes[-1]
     if evals:
         ykey = "score_mean" if evals[-1].get("score_mean") is not None else "return_mean"
-        ax.plot([r["step"] for r in evals], [r[ykey] for r in evals], marker="o")
+        _plot_mean_band(ax, [(r["step"], r[ykey]) for r in evals], marker="o")
         ax.set_title("normalised score" if ykey == "score_mean" else "return")
     ax.set_xlabel("step")
+    if n_seeds > 1:
+        fig.suptitle(f"mean over {n_seeds} seeds, band: ± std across seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=80)
     plt.close(fig)
+
+
+def _plot_mean_band(ax, points: list[tuple[int, float]], **style):
+    """One line through the mean at each step, and a ± std band where a step has several values (seeds)."""
+    if not points:
+        return
+    by_step: dict[int, list[float]] = {}
+    for step, v in points:
+        by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    means = [statistics.fmean(by_step[t]) for t in steps]
+    ax.plot(steps, means, **style)
+    if any(len(v) > 1 for v in by_step.values()):
+        stds = [statistics.stdev(by_step[t]) if len(by_step[t]) > 1 else 0.0 for t in steps]
+        ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.25)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -243,15 +277,46 @@ class StopAtStepEnd:
 
 
 def run_folder(cfg: TrainConfig) -> Path:
-    """--out; else the folder resumed from; else runs/<task>-s<seed>."""
+    """--out; else the folder resumed from; else runs/<task>-s<seed>, or for a group
+    runs/<task>-seeds<list> (seeds0-4, seeds0_3_7: never a single seed's folder, a group of one included)."""
     if cfg.out:
         return Path(cfg.out)
     if cfg.resume:
         return Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
-    return Path(f"runs/{cfg.task.replace('/', '_')}-s{cfg.seed}")
+    who = f"s{cfg.seed or 0}" if cfg.seeds is None else folder_label(cfg.seeds)
+    return Path(f"runs/{cfg.task.replace('/', '_')}-{who}")
+
+
+def check_seed_flags(cfg: TrainConfig):
+    """A seed list that cannot train is refused before anything is read or written (parse_args refuses
+    a bad --seeds already; this covers a TrainConfig built in code)."""
+    if cfg.seeds is None:
+        return
+    if cfg.seed is not None:
+        raise SeedListError(f"give --seed or --seeds, not both (got --seed {cfg.seed} and --seeds {cfg.seeds})")
+    check_seeds(cfg.seeds, "--seeds")
+
+
+def _who(cfg: TrainConfig) -> str:
+    if cfg.seeds is not None:
+        return f"the seed group {list(cfg.seeds)} (--seeds {format_seeds(cfg.seeds)})"
+    return f"the single seed {cfg.seed} (--seed {cfg.seed})"
+
+
+def check_resumed_seeds(cli: TrainConfig, saved: TrainConfig, where: str):
+    """A resumed run trains its checkpoint's seeds: --seed or --seeds naming others is refused, naming both."""
+    if cli.seed is None and cli.seeds is None:
+        return
+    group = saved.seeds is not None
+    if (cli.seeds is not None) == group and (list(cli.seeds) == list(saved.seeds) if group else cli.seed == saved.seed):
+        return
+    raise checkpoint.CheckpointError(
+        f"{where} trains {_who(saved)}, but this run asks for {_who(cli)}; resume it without --seed/--seeds, "
+        "or train those seeds as a new run with another --out")
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_seed_flags(cfg)
     out = run_folder(cfg)
     with runfolder.RunLock(out) as lock:  # one writer per run folder, from before the first read
         if lock.note:
@@ -271,11 +336,16 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         saved = TrainConfig(**resumed["config"])
         if cfg.task != TrainConfig.task and cfg.task != saved.task:
             checkpoint.check_compatible(resumed, cfg.task, {}, where=f"checkpoint in {cfg.resume}")
+        check_resumed_seeds(cfg, saved, where=f"checkpoint {latest.path}")
         # The run's identity comes from the checkpoint; where and how fast it runs from the CLI.
         cfg = dataclasses.replace(saved, resume=cfg.resume, device=cfg.device, compile=cfg.compile, threads=cfg.threads,
                                   kernels=cfg.kernels, out=str(out), checkpoint_every=cfg.checkpoint_every,
                                   epochs=cfg.epochs or saved.epochs, profile_steps=cfg.profile_steps)
-    torch.manual_seed(cfg.seed)
+    elif cfg.seeds is None and cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=0)
+    group = cfg.seeds  # None: one agent
+    # The stream of batches and draws; a group's seeds draw their initial weights under their own seeds.
+    torch.manual_seed(cfg.seed if group is None else group[0])
 
     # -- data --------------------------------------------------------------------------------
     if cfg.task == OFFLINE_DATASET_ID and cfg.dataset is None:
@@ -292,7 +362,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     kernels = cfg.kernels if cfg.kernels != "auto" else ("triton" if device.type == "cuda" else "torch")
 
     # -- agent -------------------------------------------------------------------------------
-    agent = FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels)
+    agent = FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels, seeds=group)
     shapes = {"state_dim": data.state_dim, "action_dim": data.action_dim, "hidden": hyper.hidden,
               "noise_levels": hyper.noise_levels}
     start, kept_rows = 0, []
@@ -318,7 +388,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                  "hyper": dataclasses.asdict(hyper),
                                                  "task": cfg.task, "source": loaded.source}, indent=2))
-    print(f"dtql_fast | task {cfg.task} | {data.n} transitions, state {data.state_dim}, action "
+    who = f"seed {cfg.seed}" if group is None else f"seeds {format_seeds(group)} ({len(group)} agents, one step)"
+    print(f"dtql_fast | task {cfg.task} | {who} | {data.n} transitions, state {data.state_dim}, action "
           f"{data.action_dim} | device {device} | step: {mode}, kernels {kernels} | out {out}")
     if loaded.note:
         print(f"note: {loaded.note}")
@@ -338,30 +409,26 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
 
     act_rule = torch.compile(agent.act, fullgraph=True) if cfg.compile else agent.act
 
-    def run_eval(step: int) -> dict:
-        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        act = make_act_fn(act_rule, data.action_dim, hyper.num_candidates, device, g,
-                          pad_to=eval_episodes if cfg.compile else None)
+    def run_eval(step: int) -> list[dict]:
         with phase("evaluate"):
-            res = evaluate(act, loaded.make_env, eval_episodes, seed=cfg.seed * 10_000 + 1000, task=task)
-        res = {"step": step, "epoch": (step - pre_total) // spe, **res}
-        log.write("eval", res)
-        score = f" | normalised score {res['score_mean']:.1f} ± {res['score_std']:.1f}" \
-            if res["score_mean"] is not None else ""
-        tqdm.write(f"eval @ epoch {res['epoch']}: return {res['return_mean']:.2f} ± {res['return_std']:.2f}"
-                   f"{score} | {eval_episodes} episodes in {res['wall_s']:.1f}s")
-        return res
+            results = evaluate_agents(act_rule, loaded, hyper, device, cfg, step, eval_episodes)
+        rows = eval_rows(results, step, (step - pre_total) // spe, group)
+        for row in rows:
+            log.write("eval", row)
+        tqdm.write(eval_message(rows, group))
+        return rows
 
     graphs_before = _compiled_graphs()
     profile = ProfileWindow(cfg.profile_steps, device, out)
     bar = tqdm(total=total, initial=start, desc="pretrain" if start < pre_total else "train",
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     # Resumed where a run ended: its final evaluation is already in the kept rows.
-    last_eval = next((r for r in reversed(kept_rows) if r.get("kind") == "eval" and r["step"] == start), None)
+    last_eval = list({r.get("seed"): r for r in kept_rows if r.get("kind") == "eval" and r["step"] == start}.values())
+    last_eval = last_eval or None
     step = start
     t_log, steps_since = time.perf_counter(), 0
     compile_reported = set()
-    weights = divergence.WeightWatch(agent.params())
+    weights = divergence.WeightWatch(agent.params(), seeds=group)
     stop = StopAtStepEnd().install()  # uninstalled in the finally: below
     try:
         while step < total and stop.signum is None:
@@ -386,11 +453,10 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
                 now = time.perf_counter()
                 sps = steps_since / (now - t_log)
                 t_log, steps_since = now, 0
-                log.write("train", {"step": step, "phase": "pretrain" if pretrain else "train",
-                                    "steps_per_s": sps, **m, **agent.lrs()})
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in m.items() if k.startswith("loss")}
-                                | {"it/s": f"{sps:.0f}"})
-                divergence.check_log_row(step, m, weight_max)
+                for row in train_rows(step, pretrain, sps, m, agent.lrs(), group):
+                    log.write("train", row)
+                bar.set_postfix(progress_postfix(m, sps))
+                divergence.check_log_row(step, m, weight_max, seeds=group)
             if not pretrain and (step - pre_total) % spe == 0:
                 epoch = (step - pre_total) // spe
                 if not cfg.no_eval and (epoch % hyper.eval_every == 0 or step == total):
@@ -426,23 +492,132 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         last_eval = run_eval(step)
     log.close()
     plot_curves(out)
-    summary = {"task": cfg.task, "steps": step, "out": str(out)}
+    summary = {"task": cfg.task, "steps": step, "out": str(out), **({} if group is None else {"seeds": list(group)})}
     if cfg.compile:
         # One graph each for pretraining, training and acting; more would mean recompilation.
         summary["compiled_graphs"] = _compiled_graphs() - graphs_before
         print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
               "more would mean a recompile)")
     if last_eval is not None:
-        summary.update(return_mean=last_eval["return_mean"], return_std=last_eval["return_std"],
-                       score_mean=last_eval["score_mean"], score_std=last_eval["score_std"],
-                       episodes=eval_episodes, behaviour_return=loaded.behaviour_return)
-        beh = f" | behaviour data {loaded.behaviour_return:.2f}" if loaded.behaviour_return is not None else ""
-        score = (f" | normalised score {last_eval['score_mean']:.1f} ± {last_eval['score_std']:.1f}"
-                 if last_eval["score_mean"] is not None else " | no normalised score (no reference scores)")
-        print(f"final: {cfg.task} | return {last_eval['return_mean']:.2f} ± {last_eval['return_std']:.2f} over "
-              f"{eval_episodes} episodes{score}{beh}")
+        summary.update(eval_summary(last_eval, group, eval_episodes, loaded.behaviour_return))
+        print(final_message(cfg.task, summary, group))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# -- one seed or a group: the rows, messages and summary that differ ----------------------------------------
+
+
+def train_rows(step: int, pretrain: bool, sps: float, metrics: dict | list[dict], lrs: dict,
+               group: list[int] | None) -> list[dict]:
+    """A log interval's rows: one for one agent; for a group one per seed, with its seed in a `seed` column."""
+    where = {"phase": "pretrain" if pretrain else "train", "steps_per_s": sps}
+    if group is None:
+        return [{"step": step, **where, **metrics, **lrs}]
+    return [{"step": step, "seed": s, **where, **m, **lrs} for s, m in zip(group, metrics)]
+
+
+def progress_postfix(metrics: dict | list[dict], sps: float) -> dict:
+    """The progress bar's losses: the agent's, or the group's mean over its seeds."""
+    if isinstance(metrics, list):
+        metrics = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
+    return {k.replace("loss_", ""): f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")} | {"it/s": f"{sps:.0f}"}
+
+
+def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
+                    episodes: int) -> list[dict]:
+    """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
+    would (env seeds s * 10000 + 1000 + j, draws from a generator seeded by s and the step); a group
+    plays all its seeds' episodes in one vector env, one acting call per env step. Compiled, every
+    call acts on all `episodes` rows a seed, finished envs padded, so the acting graph never recompiles."""
+    A, R = loaded.transitions.action_dim, hyper.num_candidates
+
+    def draws(seed: int) -> torch.Generator:
+        return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+    def env_seed(seed: int) -> int:
+        return seed * 10_000 + 1000
+
+    if cfg.seeds is None:
+        act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if cfg.compile else None)
+        return [evaluate(act, loaded.make_env, episodes, seed=env_seed(cfg.seed), task=loaded.task)]
+    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.seeds], pad=cfg.compile)
+    return evaluate_group(act, loaded.make_env, episodes, [env_seed(s) for s in cfg.seeds], task=loaded.task)
+
+
+def eval_rows(results: list[dict], step: int, epoch: int, group: list[int] | None) -> list[dict]:
+    """An evaluation's rows: one for one agent; for a group one per seed, with its seed in a `seed` column
+    (`env_seed` is the evaluation envs' seed)."""
+    if group is None:
+        return [{"step": step, "epoch": epoch, **results[0]}]
+    return [{"step": step, "epoch": epoch, "seed": s, **r} for s, r in zip(group, results)]
+
+
+def over_seeds(rows: list[dict]) -> dict:
+    """Mean and sample std over the seeds of each seed's mean return and mean score (std None for one seed,
+    scores None without reference scores)."""
+    out = {}
+    for key in ("score", "return"):
+        xs = [r[f"{key}_mean"] for r in rows]
+        known = all(x is not None for x in xs)
+        out[f"{key}_mean"] = statistics.fmean(xs) if known else None
+        out[f"{key}_std"] = statistics.stdev(xs) if known and len(xs) > 1 else None
+    return out
+
+
+def _seeds_text(group: list[int]) -> str:
+    return f"seed {group[0]}" if len(group) == 1 else f"{len(group)} seeds ({format_seeds(group)})"
+
+
+def _pm(mean: float, std: float | None, spec: str) -> str:
+    return format(mean, spec) if std is None else f"{mean:{spec}} ± {std:{spec}}"
+
+
+def eval_message(rows: list[dict], group: list[int] | None) -> str:
+    r, n = rows[0], len(rows)
+    head = f"eval @ epoch {r['epoch']}: "
+    tail = f" | {r['episodes']} episodes in {r['wall_s']:.1f}s"
+    if group is None:
+        score = f" | normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
+        return f"{head}return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}{tail}"
+    stats = over_seeds(rows)
+    key, spec, name = ("score", ".1f", "normalised score") if stats["score_mean"] is not None else ("return", ".2f", "return")
+    per = ", ".join(f"{row[f'{key}_mean']:{spec}}" for row in rows)
+    return (f"{head}{name} {_pm(stats[f'{key}_mean'], stats[f'{key}_std'], spec)} over {_seeds_text(group)} (per seed: {per})"
+            f" | {n} x {r['episodes']} episodes in {r['wall_s']:.1f}s")
+
+
+def eval_summary(rows: list[dict], group: list[int] | None, episodes: int, behaviour_return: float | None) -> dict:
+    """summary.json's evaluation part. One agent: its return and score, mean and std over its episodes. A
+    group: the same for each seed (per_seed), and over_seeds: the mean and sample std over the seeds of
+    those per-seed means."""
+    keys = ("return_mean", "return_std", "score_mean", "score_std")
+    if group is None:
+        return {**{k: rows[0][k] for k in keys}, "episodes": episodes, "behaviour_return": behaviour_return}
+    return {"episodes": episodes, "behaviour_return": behaviour_return,
+            "per_seed": [{"seed": s, **{k: r[k] for k in keys}} for s, r in zip(group, rows)],
+            "over_seeds": over_seeds(rows)}
+
+
+def final_message(task: str, summary: dict, group: list[int] | None) -> str:
+    beh = summary["behaviour_return"]
+    beh = f" | behaviour data {beh:.2f}" if beh is not None else ""
+    if group is None:
+        s = summary
+        score = (f" | normalised score {s['score_mean']:.1f} ± {s['score_std']:.1f}" if s["score_mean"] is not None
+                 else " | no normalised score (no reference scores)")
+        return (f"final: {task} | return {s['return_mean']:.2f} ± {s['return_std']:.2f} over "
+                f"{s['episodes']} episodes{score}{beh}")
+    o = summary["over_seeds"]
+    score = (f" | normalised score {_pm(o['score_mean'], o['score_std'], '.1f')}" if o["score_mean"] is not None
+             else " | no normalised score (no reference scores)")
+    lines = [f"final: {task} | {_seeds_text(group)}, {summary['episodes']} episodes each{score} | return "
+             f"{_pm(o['return_mean'], o['return_std'], '.2f')}{beh}",
+             "  (mean ± std over the seeds of each seed's mean; below, per seed, ± is the std over its episodes)"]
+    for p in summary["per_seed"]:
+        sc = f" | normalised score {p['score_mean']:.1f} ± {p['score_std']:.1f}" if p["score_mean"] is not None else ""
+        lines.append(f"  seed {p['seed']}: return {p['return_mean']:.2f} ± {p['return_std']:.2f}{sc}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -450,7 +625,7 @@ def main(argv=None):
     try:
         train(cfg)
     except (UnknownTaskError, DatasetError, checkpoint.CheckpointError, divergence.Diverged,
-            runfolder.RunFolderBusy) as e:
+            runfolder.RunFolderBusy, SeedListError) as e:
         raise SystemExit(f"error: {e}")
 
 

@@ -16,7 +16,7 @@ def _run(d, task, seed, evals, finished=True, status=None, score=True):
     with open(d / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"kind": "train", "step": 5, "loss_q": 1.0}) + "\n")
         for step, v in evals:
-            f.write(json.dumps({"kind": "eval", "step": step, "seed": 1000 + seed, "return_mean": v * 10,
+            f.write(json.dumps({"kind": "eval", "step": step, "env_seed": 1000 + seed, "return_mean": v * 10,
                                 "score_mean": v if score else None}) + "\n")
     if finished:
         (d / "summary.json").write_text(json.dumps({"task": task, "steps": 40}))
@@ -59,6 +59,58 @@ def test_table_numbers(runs_root, tmp_path):
     assert csv_lines[2].startswith("mujoco/pusher/none-v0,return,1,0,1,20.0,,20.0,,,,")
     for name in ("curves_hopper-medium-v2.png", "curves_mujoco_pusher_none-v0.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _group(d, task, evals_by_seed, finished=True, status=None):
+    """A seed group's run folder as train --seeds leaves it: the seed list in config.json, rows tagged by seed."""
+    d.mkdir(parents=True)
+    seeds = list(evals_by_seed)
+    (d / "config.json").write_text(json.dumps({"task": task, "config": {"seed": None, "seeds": seeds},
+                                               "hyper": HYPER}))
+    with open(d / "metrics.jsonl", "w") as f:
+        for seed in seeds:
+            f.write(json.dumps({"kind": "train", "step": 5, "seed": seed, "loss_q": 1.0}) + "\n")
+        for step in sorted({step for evals in evals_by_seed.values() for step, _ in evals}):
+            for seed, evals in evals_by_seed.items():
+                for v in [v for t, v in evals if t == step]:
+                    f.write(json.dumps({"kind": "eval", "step": step, "seed": seed, "env_seed": 1000 + 10_000 * seed,
+                                        "return_mean": v * 10, "score_mean": v}) + "\n")
+    if finished:
+        (d / "summary.json").write_text(json.dumps({"task": task, "steps": 40, "seeds": seeds}))
+    if status:
+        (d / "status.json").write_text(json.dumps(status))
+
+
+def test_a_seed_group_folder_reads_as_its_seeds(tmp_path):
+    """One group folder of seeds 0-2 gives the table, curve and per-seed rows of three single-seed folders."""
+    evals = {0: [(20, 10.0), (30, 50.0), (40, 40.0)], 1: [(20, 20.0), (30, 30.0), (40, 60.0)],
+             2: [(20, 5.0), (30, 25.0), (40, 35.0)]}
+    for seed, ev in evals.items():
+        _run(tmp_path / "singles" / f"s{seed}", "hopper-medium-v2", seed, ev)
+    _group(tmp_path / "group" / "hopper-medium-v2", "hopper-medium-v2", evals)
+    md_s, (single,) = report.report(tmp_path / "singles", tmp_path / "out_s")
+    md_g, (group,) = report.report(tmp_path / "group", tmp_path / "out_g")
+    last, best = [40.0, 60.0, 35.0], [50.0, 60.0, 35.0]
+    assert group.last == pytest.approx((mean(last), stdev(last))) and group.best == pytest.approx((mean(best), stdev(best)))
+    assert (group.seeds, group.unfinished, group.failed) == (3, 0, 0)
+    assert (group.last, group.best, group.seeds) == (single.last, single.best, single.seeds)
+    runs_g = report.discover(tmp_path / "group")
+    assert [(r.seed, r.evals) for r in runs_g] == [(s, ev) for s, ev in evals.items()]
+    assert report.curve(runs_g) == report.curve(report.discover(tmp_path / "singles"))
+    assert md_g.split("## Runs")[1] == md_s.split("## Runs")[1]
+
+
+def test_a_failed_seed_group_counts_each_seed_failed(tmp_path):
+    """A group that failed before writing config.json (bad data): the sweep's status.json names its seeds."""
+    _group(tmp_path / "ok", "hopper-medium-v2", {0: [(40, 30.0)], 1: [(40, 50.0)]})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "status.json").write_text(json.dumps(
+        {"state": "failed", "task": "walker2d-medium-v2", "seeds": [0, 1], "error": "error: NaN in row 7"}))
+    md, rows = report.report(tmp_path, tmp_path / "out")
+    by = {r.task: r for r in rows}
+    assert (by["walker2d-medium-v2"].failed, by["walker2d-medium-v2"].seeds) == (2, 0)
+    assert by["hopper-medium-v2"].last == pytest.approx((40.0, stdev([30.0, 50.0])))
+    assert md.count("| walker2d-medium-v2 | ") == 3 and "| walker2d-medium-v2 | 1 | failed |" in md
 
 
 def test_resumed_run_counts_each_evaluation_once(tmp_path):

@@ -1,6 +1,7 @@
-"""The sweep on a real local Ray (2 CPUs) with D4RL files the tests write: a grid that finishes while a
-bad-data task fails, a re-run that skips what finished, and runs whose processes are SIGKILLed mid-run
-(the Ray worker of one, the training process of another) retried to exactly an uninterrupted run's weights."""
+"""The sweep on a real local Ray (2 CPUs) with D4RL files the tests write: a grid (each task's seeds one
+group, one process, one run folder) that finishes while a bad-data task fails, a re-run that skips what
+finished, and runs whose processes are SIGKILLed mid-run (the Ray worker of one, the training process of
+another) retried to exactly an uninterrupted run's weights, every seed's."""
 import dataclasses
 import io
 import json
@@ -17,7 +18,7 @@ import ray
 import torch
 
 from dtql_fast import checkpoint, runs, sweep
-from dtql_fast.sweep import SweepConfig, SweepError, parse_args, parse_seeds, run_sweep
+from dtql_fast.sweep import SweepConfig, SweepError, parse_args, run_sweep
 
 # 1 pretraining epoch + 3 epochs of 10 steps, evaluated (1 episode) and checkpointed after every epoch.
 TINY = ("--epochs", "3", "--steps-per-epoch", "10", "--pretrain-epochs", "1", "--eval-every", "1",
@@ -64,7 +65,7 @@ def _cfg(out, data_dir, tasks, seeds=(0, 1), **kw) -> SweepConfig:
 
 @pytest.fixture(scope="module")
 def grid(local_ray, data_dir, tmp_path_factory):
-    """2 good tasks x 2 seeds, plus a task whose data holds a NaN."""
+    """2 good tasks x 2 seeds (one seed group per task), plus a task whose data holds a NaN."""
     out = tmp_path_factory.mktemp("sweep") / "grid"
     log = io.StringIO()
     results = run_sweep(_cfg(out, data_dir, (*GOOD, BAD)), stream=log)
@@ -88,45 +89,48 @@ def _agent_tensors(run_dir: Path) -> dict:
 
 def test_grid_finishes_and_bad_data_fails_alone(grid):
     out, results, log = grid
-    by = {(r.task, r.seed): r for r in results}
-    assert len(results) == 6
+    by = {r.task: r for r in results}
+    assert len(results) == 3  # one run per task, its seeds trained together
     for task in GOOD:
-        for seed in (0, 1):
-            r = by[(task, seed)]
-            assert r.state == "finished" and r.steps == TOTAL and r.attempts == 1, r
-            run_dir = sweep.run_dir_for(out, task, seed)
-            assert json.loads((run_dir / "summary.json").read_text())["steps"] == TOTAL
-            assert checkpoint.load(run_dir)["step"] == TOTAL
-            assert runs.read_status(run_dir)["state"] == "finished"
-    for seed in (0, 1):
-        r = by[(BAD, seed)]
-        assert r.state == "failed" and r.attempts == 1  # a deterministic failure is not retried
-        assert "halfcheetah_medium-v2.hdf5" in r.error and "NaN" in r.error and r.error.startswith("error:")
-        st = runs.read_status(sweep.run_dir_for(out, BAD, seed))
-        assert st["state"] == "failed" and st["exit_code"] == 1 and st["error"] == r.error
+        r = by[task]
+        assert r.state == "finished" and r.steps == TOTAL and r.attempts == 1 and r.seeds == (0, 1), r
+        run_dir = sweep.run_dir_for(out, task)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == TOTAL and [p["seed"] for p in summary["per_seed"]] == [0, 1]
+        ck = checkpoint.load(run_dir)
+        assert ck["step"] == TOTAL and ck["agent"]["seeds"] == [0, 1]
+        assert runs.read_status(run_dir)["state"] == "finished" and runs.read_status(run_dir)["seeds"] == [0, 1]
+        assert "--seeds 0-1" in (run_dir / runs.LOG).read_text()
+    r = by[BAD]
+    assert r.state == "failed" and r.attempts == 1  # a deterministic failure is not retried
+    assert "halfcheetah_medium-v2.hdf5" in r.error and "NaN" in r.error and r.error.startswith("error:")
+    st = runs.read_status(sweep.run_dir_for(out, BAD))
+    assert st["state"] == "failed" and st["exit_code"] == 1 and st["error"] == r.error
     manifest = json.loads((out / "sweep.json").read_text())
-    assert manifest["runs"][f"{BAD}/seed1"]["state"] == "failed"
-    assert manifest["runs"][f"{GOOD[0]}/seed0"]["state"] == "finished"
-    assert "done: 2 failed, 4 finished" in log and f"failed: {BAD} seed 0: error:" in log
-    # the live view's last table: one line per run with its state, step and latest score
+    assert manifest["runs"][BAD]["state"] == "failed" and manifest["runs"][GOOD[0]]["state"] == "finished"
+    assert manifest["layout"] == sweep.LAYOUT and manifest["seeds"] == [0, 1]
+    assert "done: 1 failed, 2 finished" in log and f"failed: {BAD} seeds 0-1: error:" in log
+    # the live view's last table: one line per task's seed group with its state, step and latest score
     table = log[log.rindex("task "):].splitlines()
-    hopper0 = next(line for line in table if line.startswith("hopper-medium-v2") and line.split()[1] == "0")
-    assert hopper0.split()[2] == "finished" and f"{TOTAL}/{TOTAL}" in hopper0
+    hopper = next(line for line in table if line.startswith("hopper-medium-v2"))
+    assert hopper.split()[1:3] == ["0-1", "finished"] and f"{TOTAL}/{TOTAL}" in hopper
+    evals = [r for r in runs.metric_rows(sweep.run_dir_for(out, GOOD[0]))[1] if r["step"] == TOTAL]
+    assert float(hopper.split()[5]) == pytest.approx(sum(r["score_mean"] for r in evals) / 2, abs=0.051)
 
 
 def test_rerun_skips_finished_runs_and_retries_failed_ones(grid, data_dir):
     out, _, _ = grid
-    good_dirs = [sweep.run_dir_for(out, t, s) for t in GOOD for s in (0, 1)]
+    good_dirs = [sweep.run_dir_for(out, t) for t in GOOD]
     before = {d: ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runs.ATTEMPTS).read_text(),
                   (d / "metrics.jsonl").read_text()) for d in good_dirs}
     log = io.StringIO()
     results = run_sweep(_cfg(out, data_dir, (*GOOD, BAD)), stream=log)
-    assert "6 runs (3 task(s) x 2 seed(s)), 4 already finished, 2 to run" in log.getvalue()
-    assert sorted(r.state for r in results) == ["failed", "failed", "skipped", "skipped", "skipped", "skipped"]
+    assert "3 task(s) x 2 seed(s) (0-1), one run (one process) per task; 2 already finished, 1 to run" in log.getvalue()
+    assert sorted(r.state for r in results) == ["failed", "skipped", "skipped"]
     for d in good_dirs:  # nothing trained twice
         assert ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runs.ATTEMPTS).read_text(),
                 (d / "metrics.jsonl").read_text()) == before[d]
-    assert runs.read_status(sweep.run_dir_for(out, BAD, 0))["attempt"] == 2
+    assert runs.read_status(sweep.run_dir_for(out, BAD))["attempt"] == 2
 
 
 def test_rerun_with_other_train_settings_is_refused(grid, data_dir):
@@ -135,7 +139,18 @@ def test_rerun_with_other_train_settings_is_refused(grid, data_dir):
     with pytest.raises(SweepError, match="alpha: None before, 2.5 now"):
         run_sweep(dataclasses.replace(cfg, train_args=(*cfg.train_args, "--alpha", "2.5")), stream=io.StringIO())
     runtime_only = dataclasses.replace(cfg, train_args=(*cfg.train_args, "--threads", "1", "--log-every", "5"))
-    assert [r.state for r in run_sweep(runtime_only, stream=io.StringIO())] == ["skipped"] * 4
+    assert [r.state for r in run_sweep(runtime_only, stream=io.StringIO())] == ["skipped"] * 2
+    # a task's seeds are one group in one folder: another seed list cannot join it
+    with pytest.raises(SweepError, match="was swept with --seeds 0-1, not 0-2: each task's seeds train as one group"):
+        run_sweep(dataclasses.replace(cfg, seeds=(0, 1, 2)), stream=io.StringIO())
+
+
+def test_sweep_folder_of_the_per_seed_layout_is_refused(data_dir, tmp_path):
+    out = tmp_path / "old"
+    (out / "hopper-medium-v2" / "seed0").mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"tasks": ["hopper-medium-v2"], "seeds": [0], "runs": {}}))
+    with pytest.raises(SweepError, match="made before seed groups .* another --out"):
+        run_sweep(_cfg(out, data_dir, GOOD[:1], seeds=(0,)), stream=io.StringIO())
 
 
 def _running(pid: int) -> bool:
@@ -163,10 +178,9 @@ def _kill_after_first_checkpoint(run_dir: Path, which: str, done: dict):
 def test_killed_runs_are_retried_to_the_uninterrupted_weights(grid, data_dir, tmp_path):
     straight, _, _ = grid
     out = tmp_path / "killed"
-    cfg = _cfg(out, data_dir, GOOD, seeds=(0,))
+    cfg = _cfg(out, data_dir, GOOD)
     kills = {GOOD[0]: ("worker_pid", {}), GOOD[1]: ("pid", {})}
-    threads = [threading.Thread(target=_kill_after_first_checkpoint,
-                                args=(sweep.run_dir_for(out, task, 0), which, done))
+    threads = [threading.Thread(target=_kill_after_first_checkpoint, args=(sweep.run_dir_for(out, task), which, done))
                for task, (which, done) in kills.items()]
     for t in threads:
         t.start()
@@ -174,7 +188,7 @@ def test_killed_runs_are_retried_to_the_uninterrupted_weights(grid, data_dir, tm
     for t in threads:
         t.join()
     for task, (which, done) in kills.items():
-        run_dir = sweep.run_dir_for(out, task, 0)
+        run_dir = sweep.run_dir_for(out, task)
         assert done, f"{task}: no checkpoint before the run ended; nothing was killed"
         r = next(r for r in results if r.task == task)
         assert r.state == "finished" and r.attempts == 2, r
@@ -185,19 +199,21 @@ def test_killed_runs_are_retried_to_the_uninterrupted_weights(grid, data_dir, tm
         if which == "pid":  # the training process died from a signal: the worker saw it and Ray retried
             assert {"event": "end", "state": "killed", "signal": "SIGKILL"}.items() <= runs.attempts(run_dir)[1].items()
         step_a, a = _agent_tensors(run_dir)
-        step_b, b = _agent_tensors(sweep.run_dir_for(straight, task, 0))
-        assert step_a == step_b == TOTAL and a.keys() == b.keys() and len(a) > 50
+        step_b, b = _agent_tensors(sweep.run_dir_for(straight, task))
+        assert step_a == step_b == TOTAL and a.keys() == b.keys() and len(a) > 100  # both seeds' networks and moments
         for k in a:
             assert torch.equal(a[k], b[k]), (task, k)
-        # the evaluations after the resume match too, and each step is reported once
+        # the evaluations after the resume match too, each seed's, and each (step, seed) is reported once
         _, evals = runs.metric_rows(run_dir)
-        _, evals_straight = runs.metric_rows(sweep.run_dir_for(straight, task, 0))
-        assert [(e["step"], e["returns"]) for e in evals] == [(e["step"], e["returns"]) for e in evals_straight]
+        _, evals_straight = runs.metric_rows(sweep.run_dir_for(straight, task))
+        assert [(e["step"], e["seed"], e["returns"]) for e in evals] == \
+            [(e["step"], e["seed"], e["returns"]) for e in evals_straight]
+        assert len(evals) == 3 * 2
 
 
 def test_run_killed_more_often_than_max_retries_is_recorded_failed(local_ray, data_dir, tmp_path):
     out = tmp_path / "given-up"
-    run_dir = sweep.run_dir_for(out, GOOD[0], 1)
+    run_dir = sweep.run_dir_for(out, GOOD[0])
     done = {}
     t = threading.Thread(target=_kill_after_first_checkpoint, args=(run_dir, "pid", done))
     t.start()
@@ -205,7 +221,7 @@ def test_run_killed_more_often_than_max_retries_is_recorded_failed(local_ray, da
     t.join()
     assert done and r.state == "failed" and r.error.startswith("killed on all 1 attempt(s); Ray gave up")
     assert runs.read_status(run_dir)["state"] == "failed"
-    assert json.loads((out / "sweep.json").read_text())["runs"][f"{GOOD[0]}/seed1"]["error"] == r.error
+    assert json.loads((out / "sweep.json").read_text())["runs"][GOOD[0]]["error"] == r.error
 
 
 def test_stopped_run_checkpoints_and_resumes(data_dir, tmp_path):
@@ -249,26 +265,17 @@ def test_live_view_redraws_in_place_on_a_terminal(grid):
     view = sweep.LiveView(specs, tty)
     view.refresh()
     view.refresh()
-    first, second = tty.getvalue().split("\x1b[7F\x1b[J")  # header + 6 runs, moved up over and cleared
-    assert first == second and first.count("\n") == 7
+    first, second = tty.getvalue().split("\x1b[4F\x1b[J")  # header + 3 runs, moved up over and cleared
+    assert first == second and first.count("\n") == 4
     assert "failed" in first and "error: " in first and f"{TOTAL}/{TOTAL}" in first
 
 
 # -- input, no Ray needed -------------------------------------------------------------------------
 
-def test_parse_seeds():
-    assert parse_seeds("0-4") == (0, 1, 2, 3, 4)
-    assert parse_seeds("0,2,5") == (0, 2, 5)
-    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
-    for bad, match in [("3-1", "goes down"), ("a", "not a seed"), ("1,1", "more than once"),
-                       ("0-", "not a seed"), ("", "not a seed"), ("-1", "not a seed")]:
-        with pytest.raises(SweepError, match=match):
-            parse_seeds(bad)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "walker2d-medium-v3"], "unknown task 'walker2d-medium-v3'. Did you mean: walker2d-medium-v2"),
     (["--tasks", "hopper-medium-v2", "--seeds", "4-0"], "the range '4-0' goes down"),
+    (["--tasks", "hopper-medium-v2", "--seeds", "0-2,1"], "seed 1 is listed more than once"),
     (["--tasks", "hopper-medium-v2,hopper-medium-v2"], "more than once"),
     (["--tasks", "hopper-medium-v2", "--seed", "3"], "--seed is set by the sweep for each run; use --seeds"),
     (["--tasks", "hopper-medium-v2", "--resume", "x"], "--resume is set by the sweep"),
@@ -290,11 +297,13 @@ def test_bad_input_is_named(argv, message, capsys, tmp_path):
 
 def test_train_flags_pass_through_and_command():
     cfg = parse_args(["--tasks", "hopper-medium-v2", "--seeds", "0", "--out", "s", "--dataset", "d", "--epochs", "5"])
+    group = sweep.plan_runs(dataclasses.replace(cfg, seeds=(0, 1, 2, 7)))[0]
+    assert sweep.train_command(group, False)[5:7] == ["--seeds", "0-2,7"] and group.run_dir.endswith("/s/hopper-medium-v2")
     assert cfg.train_args[0] == "--dataset" and Path(cfg.train_args[1]).is_absolute()
     (spec,) = sweep.plan_runs(cfg)
     assert spec.planned_steps == (50 + 5) * 1000  # the table's 50 pretraining epochs, --epochs 5
     fresh, resume = sweep.train_command(spec, False), sweep.train_command(spec, True)
-    assert fresh[1:7] == ["-m", "dtql_fast.train", "--task", "hopper-medium-v2", "--seed", "0"]
+    assert fresh[1:7] == ["-m", "dtql_fast.train", "--task", "hopper-medium-v2", "--seeds", "0"]
     assert resume[3:5] == ["--resume", spec.run_dir] and "--task" not in resume
     assert fresh[-2:] == ["--threads", "1"] and "--epochs" in resume
 
@@ -328,9 +337,9 @@ def test_report_on_the_sweep(grid, tmp_path):
     assert set(by) == {*GOOD, BAD}
     for task, paper in zip(GOOD, (99.6, 89.4)):
         scores = []
-        for seed in (0, 1):
-            lines = (sweep.run_dir_for(out, task, seed) / "metrics.jsonl").read_text().splitlines()
-            scores.append([r["score_mean"] for r in map(json.loads, lines) if r["kind"] == "eval"])
+        for seed in (0, 1):  # the group's rows, each seed's own
+            lines = (sweep.run_dir_for(out, task) / "metrics.jsonl").read_text().splitlines()
+            scores.append([r["score_mean"] for r in map(json.loads, lines) if r["kind"] == "eval" and r["seed"] == seed])
         assert all(len(s) == 3 for s in scores)
         last, best = [s[-1] for s in scores], [max(s) for s in scores]
         r = by[task]

@@ -39,6 +39,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "loss_tr" in train_rows[-1] and all(r["steps_per_s"] > 0 for r in train_rows)
     assert train_rows[-1]["lr_policy"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end
     assert [r["epoch"] for r in eval_rows] == [1, 2] and len(eval_rows[0]["returns"]) == 2
+    assert eval_rows[0]["env_seed"] == 1000 and "seed" not in eval_rows[0]  # the env's seed; --seed 0's envs
     assert (out / "train.csv").read_text().splitlines()[0].startswith("kind,step,phase")
     assert len((out / "eval.csv").read_text().splitlines()) == 3
     png = (out / "learning_curves.png").read_bytes()

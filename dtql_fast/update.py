@@ -154,6 +154,9 @@ class FastDTQL:
                          True: torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], device=device)}
         self.metric_sum = torch.zeros(*lead, len(METRICS), device=device)
         self._ones = torch.ones(1, h.batch_size, device=device)  # batch-row sums as a matmul (fastnets)
+        # V(s) and V(s') in one pass where the step is launch-bound (a GPU); on a CPU, FLOP-bound,
+        # V(s') alone without its backward. profiling/launches.py sets it to count a GPU's graph.
+        self.joint_value = self.device.type == "cuda"
         self.set_kernels(kernels)
 
     def _initial_weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -198,13 +201,13 @@ class FastDTQL:
         h = self.hyper
         q1, q2 = fastnets.q_pair(cp, torch.cat([s, a], dim=-1), h.hidden, self._ones).unbind(-3)  # once; the reference twice
         q = torch.minimum(q1, q2).detach()
-        if s.is_cuda:
-            # Launch-bound: V(s) and V(s') in one pass (its backward also runs over the V(s') rows,
-            # with a zero gradient; on a GPU that costs no launch).
+        if self.joint_value:
+            # One pass (its backward also runs over the V(s') rows, with a zero gradient: on a GPU
+            # that costs FLOPs, not launches).
             v, next_v = fastnets.value(cp, torch.cat([s, s2], dim=-2)).chunk(2, dim=-2)
             next_v = next_v.detach()
         else:
-            # FLOP-bound: V(s') on its own, with no backward (about 8% of a CPU walker step).
+            # V(s') on its own, with no backward (10% of a compiled CPU walker step).
             v = fastnets.value(cp, s)
             with torch.no_grad():
                 next_v = fastnets.value(cp, s2)

@@ -7,7 +7,9 @@ The method of the team's tool ../shared/tools/gpu_offline.py (--part step), whos
 imports (--tool PATH): a fake CUDA device inside the CPU torch build, dynamo's graph of the
 StepRunner 'compile' step captured on the CPU, and inductor's real CUDA code generation run on
 it; the generated module is parsed for Triton launches, cuBLAS calls and ATen fallbacks. The
-tool counts the walker2d step; this counts any task's shapes. Every number is a compile-time
+tool counts the walker2d step as the CPU traces it; this counts any task's shapes, and the step a
+CUDA device traces (V(s) and V(s') in one pass: FastDTQL.joint_value; on a CPU they are two,
+which the tool's count includes: 7 launches more). Every number is a compile-time
 count, not a timing: at batch 256 a step is launch-bound, so launches are the GPU-time proxy.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _capture(task: str, kernels: str, seeds: int | None):
     torch.manual_seed(0)
     agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels,
                             seeds=None if seeds is None else list(range(seeds)))
+    agent.joint_value = True  # built on the CPU, but the graph counted is the one a GPU runs
     captured = []
 
     def backend(gm, example_inputs):

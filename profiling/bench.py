@@ -231,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "N (CUDA: max_memory_allocated; CPU: RSS), to show it does not grow")
     p.add_argument("--seeds", metavar="N,N,...", default=None,
                    help="instead of the variants: for each group size N, FastDTQL with N seeds in one step "
-                        "against N single-seed steps, interleaved in one run (ms per seed-step, equivalence "
-                        "per seed); e.g. 1,2,5")
+                        "against N single-seed steps, in alternating blocks in one run (ms per seed-step, "
+                        "equivalence per seed); e.g. 1,2,5")
+    p.add_argument("--seeds-block", type=int, default=10, metavar="K",
+                   help="with --seeds: consecutive steps per block (default 10); 1 interleaves every step, "
+                        "which makes each agent's step evict the others' state from the CPU caches")
     p.add_argument("--seeds-mode", choices=["compile", "eager"], default="compile",
                    help="with --seeds: compiled (torch.compile fullgraph) or eager steps on both sides")
     p.add_argument("--perturb", choices=[v for v in VARIANTS if v != "reference"], default=None,
@@ -404,20 +407,24 @@ def _main_seeds(args, argv, parser, hyper, data, data_desc, task_name, device) -
         parser.error(f"--seeds {args.seeds!r}: give group sizes as a comma-separated list, e.g. 1,2,5")
     if not sizes or min(sizes) < 1:
         parser.error(f"--seeds {args.seeds!r}: group sizes are integers >= 1")
+    if args.seeds_block < 1:
+        parser.error(f"--seeds-block {args.seeds_block}: a block is at least 1 step")
     machine = machine_info(device)
     rows = [seeds_bench.run_group(n, data.state_dim, data.action_dim, hyper, data, device, args.steps,
-                                  args.warmup, args.seeds_mode == "compile", args.seed) for n in sizes]
+                                  args.warmup, args.seeds_mode == "compile", args.seed, args.seeds_block)
+            for n in sizes]
     print(f"# many seeds in one step: {task_name} (S={data.state_dim}, A={data.action_dim}, B={hyper.batch_size}, "
           f"hidden={hyper.hidden}), {data_desc}; {args.seeds_mode} steps")
     print(f"# {device}: {machine['gpu'] or machine['cpu']}, {machine['torch_threads']} torch threads, load "
-          f"{machine['loadavg_at_start']}; {args.warmup} warm-up + {args.steps} timed iterations per group size")
+          f"{machine['loadavg_at_start']}; {args.warmup} warm-up + {args.steps} timed steps per group size, blocks of {args.seeds_block}")
     print(seeds_bench.format_rows(rows))
     passed = all(r["passed"] for r in rows)
     print(f"RESULT: {'PASS' if passed else 'FAIL'}")
     if args.json:
         meta = {"task": task_name, "data": data_desc, "state_dim": data.state_dim, "action_dim": data.action_dim,
                 "batch_size": hyper.batch_size, "hidden": hyper.hidden, "device": str(device),
-                "mode": args.seeds_mode, "steps": args.steps, "warmup": args.warmup, "machine": machine,
+                "mode": args.seeds_mode, "steps": args.steps, "warmup": args.warmup, "block": args.seeds_block,
+                "machine": machine,
                 "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dtql_fast.profiling.bench", *argv]),
                 "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

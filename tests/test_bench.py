@@ -128,15 +128,17 @@ def test_seeds_mode_times_a_group_beside_its_single_seed_steps(tmp_path, capsys)
     the group is checked against its single-seed run first."""
     out = tmp_path / "seeds.json"
     rc = bench.main(TINY + ["--seeds", "1,3", "--seeds-mode", "eager", "--steps", "4", "--warmup", "1",
-                            "--json", str(out)])
+                            "--seeds-block", "2", "--json", str(out)])  # 5 steps: blocks 2, 2, 1
     text = capsys.readouterr().out
     assert rc == 0 and "RESULT: PASS" in text and "ms/seed-step" in text
     res = _load(out)
     assert [len(g["seeds"]) for g in res["groups"]] == [1, 3] and res["passed"]
     for g in res["groups"]:
-        assert len(g["times_group_ms"]) == len(g["times_singles_ms"]) == 4
+        assert len(g["times_group_ms"]) == len(g["times_singles_ms"]) == 4 and g["block"] == 2
         assert g["seed_step_ms"] == pytest.approx(g["group_ms"] / len(g["seeds"]))
         assert g["seed_step_over_single_step"] == pytest.approx(g["seed_step_ms"] / g["single_step_ms"])
         assert g["worst_over_tol"] <= 1.0
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--seeds", "0,2"])
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--seeds", "2", "--seeds-block", "0"])

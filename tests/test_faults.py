@@ -17,6 +17,7 @@ import torch
 from dtql_fast import checkpoint, divergence, runfolder
 from dtql_fast.tasks import OFFLINE_DEMO_HYPER
 from dtql_fast.update import METRICS, FastDTQL
+from tree import tensors
 
 SHORT = ["--epochs", "3", "--steps-per-epoch", "12", "--pretrain-epochs", "1", "--batch-size", "32",
          "--log-every", "2", "--no-eval", "--seed", "5"]
@@ -73,21 +74,10 @@ def _last_step(out: Path) -> int:
     return json.loads(complete[-1])["step"] if complete else 0
 
 
-def _tensors(x, prefix=""):
-    if isinstance(x, torch.Tensor):
-        yield prefix, x
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield from _tensors(v, f"{prefix}.{k}")
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            yield from _tensors(v, f"{prefix}[{i}]")
-
-
 def _assert_same_weights(a: Path, b: Path):
     ca, cb = checkpoint.load(a), checkpoint.load(b)
     assert ca["step"] == cb["step"] == TOTAL
-    ta, tb = dict(_tensors(ca["agent"])), dict(_tensors(cb["agent"]))
+    ta, tb = dict(tensors(ca["agent"])), dict(tensors(cb["agent"]))
     assert ta.keys() == tb.keys() and len(ta) > 50
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
@@ -182,7 +172,7 @@ def test_divergence_stops_and_keeps_the_good_checkpoint(env, tmp_path):
     good = (out / checkpoint.FILENAME).read_bytes()
     ck = checkpoint.load(out)
     assert ck["step"] == 1 and not (out / checkpoint.PREVIOUS).exists()
-    assert all(torch.isfinite(t).all() for _, t in _tensors(ck["agent"]) if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for _, t in tensors(ck["agent"]) if t.is_floating_point())
     # Resumable: it loads, runs step 2 again, diverges the same way and still writes nothing over it.
     rc, text = _run(env, out, "--resume", str(out), *OFTEN)
     assert rc == 1 and error in text, text

@@ -19,6 +19,7 @@ import torch
 
 from dtql_fast import checkpoint, runs, sweep
 from dtql_fast.sweep import SweepConfig, SweepError, parse_args, run_sweep
+from tree import tensors
 
 # 1 pretraining epoch + 3 epochs of 10 steps, evaluated (1 episode) and checkpointed after every epoch.
 TINY = ("--epochs", "3", "--steps-per-epoch", "10", "--pretrain-epochs", "1", "--eval-every", "1",
@@ -73,18 +74,8 @@ def grid(local_ray, data_dir, tmp_path_factory):
 
 
 def _agent_tensors(run_dir: Path) -> dict:
-    def flat(x, prefix=""):
-        if isinstance(x, torch.Tensor):
-            yield prefix, x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                yield from flat(v, f"{prefix}.{k}")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                yield from flat(v, f"{prefix}[{i}]")
-
     ck = checkpoint.load(run_dir)
-    return ck["step"], dict(flat(ck["agent"]))
+    return ck["step"], dict(tensors(ck["agent"]))
 
 
 def test_grid_finishes_and_bad_data_fails_alone(grid):

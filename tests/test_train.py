@@ -9,6 +9,7 @@ import torch
 
 from dtql_fast import checkpoint, train as train_mod
 from dtql_fast.train import parse_args, train
+from tree import tensors
 
 TINY = ["--epochs", "2", "--steps-per-epoch", "12", "--pretrain-epochs", "1", "--eval-every", "1",
         "--eval-episodes", "2", "--batch-size", "32", "--log-every", "4"]
@@ -91,17 +92,7 @@ def test_interrupt_and_resume_equals_straight_run(tmp_path, monkeypatch, capsys)
     a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
     assert a["step"] == b["step"] == 36
 
-    def flat(x, prefix=""):
-        if isinstance(x, torch.Tensor):
-            yield prefix, x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                yield from flat(v, f"{prefix}.{k}")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                yield from flat(v, f"{prefix}[{i}]")
-
-    ta, tb = dict(flat(a["agent"])), dict(flat(b["agent"]))
+    ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert ta.keys() == tb.keys() and len(ta) > 50
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k

@@ -21,6 +21,7 @@ from dtql_fast.train import TrainConfig, parse_args, train
 from dtql_fast.update import METRICS, FastDTQL
 from test_evaluate import _toy
 from test_train import TINY, _stop_at
+from tree import tensors
 
 TASK = "dtql_fast/reacher/scripted-v0"
 
@@ -29,17 +30,6 @@ TASK = "dtql_fast/reacher/scripted-v0"
 def _minari_home(tmp_path_factory, monkeypatch):
     # One offline dataset per test session, never in the user's ~/.minari.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.getbasetemp() / "minari"))
-
-
-def _tensors(x, prefix=""):
-    if isinstance(x, torch.Tensor):
-        yield prefix, x
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield from _tensors(v, f"{prefix}.{k}")
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            yield from _tensors(v, f"{prefix}[{i}]")
 
 
 def _rows(out, kind):
@@ -156,7 +146,7 @@ def test_group_interrupt_and_resume_equals_straight_run(tmp_path, monkeypatch, c
     train(parse_args(["--resume", str(tmp_path / "split")]))
     a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
     assert a["step"] == b["step"] == 36 and a["agent"]["seeds"] == b["agent"]["seeds"] == [2, 5]
-    ta, tb = dict(_tensors(a["agent"])), dict(_tensors(b["agent"]))
+    ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert ta.keys() == tb.keys() and len(ta) > 100
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
@@ -245,7 +235,7 @@ def test_group_divergence_names_the_seed(tmp_path):
     assert msg.startswith("error: training diverged at step 2: seed 0: loss_bc = nan") and "seed 3: loss_bc = nan" in msg
     assert f"The last good checkpoint, {out / 'checkpoint.pt'} (step 1), is kept" in msg
     ck = checkpoint.load(out)
-    assert ck["step"] == 1 and all(torch.isfinite(t).all() for _, t in _tensors(ck["agent"]) if t.is_floating_point())
+    assert ck["step"] == 1 and all(torch.isfinite(t).all() for _, t in tensors(ck["agent"]) if t.is_floating_point())
 
 
 def test_group_divergence_checks_name_one_bad_seed():

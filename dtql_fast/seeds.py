@@ -33,14 +33,19 @@ def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
 
 
 def check_seeds(seeds: Iterable[int], what: str = "seeds") -> tuple[int, ...]:
-    """A seed list as FastDTQL trains it (update.check_seeds: non-empty, non-negative, none twice),
-    its complaint as a SeedListError that says whose list it is."""
-    from .update import check_seeds as rule  # torch: imported only when a list is checked
-
-    try:
-        return tuple(rule(seeds))
-    except ValueError as e:
-        raise SeedListError(f"{what}: {e}") from None
+    """A seed list as FastDTQL trains it: non-empty, non-negative integers, none twice. Otherwise a
+    SeedListError that says whose list it is (`what`) and what is wrong."""
+    seeds = list(seeds)
+    if not seeds:
+        raise SeedListError(f"{what}: the seed list is empty; give at least one seed")
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise SeedListError(f"{what}: seeds must be non-negative integers; got {bad}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise SeedListError(f"{what}: seed {repeated[0]} is listed more than once in {seeds}; "
+                            "each seed trains one agent")
+    return tuple(seeds)
 
 
 def format_seeds(seeds: Iterable[int], sep: str = ",") -> str:

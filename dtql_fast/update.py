@@ -38,6 +38,7 @@ from . import edm, fastnets
 from .draws import Draws, sample_draws
 from .nets import Critic, DiffusionNet, GaussianPolicy
 from .profiling.ranges import phase
+from .seeds import check_seeds
 from .tasks import Hyper
 from .transitions import Transitions
 
@@ -53,28 +54,22 @@ COUNTERS = ("critic", "diffusion", "policy", "lr_step", "metric_count")
 class Adam:
     """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) on a dict of tensors, updated in place.
 
-    Same arithmetic as torch.optim.Adam; lr and the step count are device tensors. `step` and
-    `lr_tensor`: 0-dim tensors (views into FastDTQL's counters and learning rates) that the owner
-    advances and sets; by default Adam keeps its own and advances the step in update().
+    Same arithmetic as torch.optim.Adam. `lr` and `step` are 0-dim device tensors owned by the
+    caller: views into FastDTQL's learning-rate and counter vectors, which it sets and advances
+    for all three optimisers in one kernel each.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], lr: float, betas=(0.9, 0.999), eps=1e-8,
-                 step: torch.Tensor | None = None, lr_tensor: torch.Tensor | None = None):
+    def __init__(self, params: dict[str, torch.Tensor], lr: torch.Tensor, step: torch.Tensor,
+                 betas=(0.9, 0.999), eps=1e-8):
         self.params = list(params.values())
         self.names = list(params.keys())
-        device = self.params[0].device
-        self.lr0 = lr
-        self.lr = torch.tensor(lr, dtype=torch.float32, device=device) if lr_tensor is None else lr_tensor
-        self._owns_step = step is None
-        self.step = torch.zeros((), dtype=torch.float32, device=device) if step is None else step
+        self.lr, self.step = lr, step
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
 
     def update(self, grads: dict[str, torch.Tensor]):
         g = [grads[n] for n in self.names]
-        if self._owns_step:
-            self.step += 1
         torch._foreach_lerp_(self.exp_avg, g, 1 - self.beta1)
         torch._foreach_mul_(self.exp_avg_sq, self.beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - self.beta2)
@@ -99,20 +94,6 @@ class Adam:
             torch._foreach_copy_(self.exp_avg_sq, list(sd["exp_avg_sq"]))
 
 
-def check_seeds(seeds) -> list[int]:
-    """A seed list as FastDTQL and the CLI take it: non-empty, no repeats, no negatives."""
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("the seed list is empty; give at least one seed")
-    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
-    if bad:
-        raise ValueError(f"seeds must be non-negative integers; got {bad}")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise ValueError(f"seed {repeated[0]} is listed more than once in {seeds}; each seed trains one agent")
-    return seeds
-
-
 class FastDTQL:
     """The DTQL step on packed parameters (fastnets.py): same numbers as ReferenceDTQL, laid out
     for fewer kernel launches. Weights go in and out in the reference's layout (`load_modules`,
@@ -127,7 +108,7 @@ class FastDTQL:
         h = self.hyper = hyper
         self.device = torch.device(device)
         self.state_dim, self.action_dim = state_dim, action_dim
-        self.seeds = None if seeds is None else check_seeds(seeds)
+        self.seeds = None if seeds is None else list(check_seeds(seeds))
         self.layout = fastnets.layout(state_dim, action_dim, h.hidden)
         if self.seeds is None:
             packed = self._initial_weights()
@@ -145,9 +126,9 @@ class FastDTQL:
         # The three learning rates, one vector: the cosine decay sets them in one kernel.
         self._lr0 = torch.tensor([h.critic_lr, h.lr, h.lr], device=device)
         self._lr = self._lr0.clone()
-        self.critic_opt = Adam(self.cp, h.critic_lr, step=count["critic"], lr_tensor=self._lr[0])
-        self.diffusion_opt = Adam(self.dp, h.lr, step=count["diffusion"], lr_tensor=self._lr[1])
-        self.policy_opt = Adam(self.pp, h.lr, step=count["policy"], lr_tensor=self._lr[2])
+        self.critic_opt = Adam(self.cp, lr=self._lr[0], step=count["critic"])
+        self.diffusion_opt = Adam(self.dp, lr=self._lr[1], step=count["diffusion"])
+        self.policy_opt = Adam(self.pp, lr=self._lr[2], step=count["policy"])
         self.lr_step, self.metric_count = count["lr_step"], count["metric_count"]
         # What one training / pretraining step adds to the counters (one kernel for all of them).
         self._advance = {False: torch.tensor([1.0, 1.0, 1.0, float(h.lr_decay), 1.0], device=device),

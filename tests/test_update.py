@@ -72,11 +72,13 @@ def test_adam_matches_torch_adam():
     torch.manual_seed(0)
     p = {"w": torch.randn(7, 5), "b": torch.randn(5)}
     tp = [torch.nn.Parameter(v.clone()) for v in p.values()]
-    ours, theirs = Adam(p, 1e-2), torch.optim.Adam(tp, lr=1e-2)
+    step = torch.zeros(())
+    ours, theirs = Adam(p, lr=torch.tensor(1e-2), step=step), torch.optim.Adam(tp, lr=1e-2)
     for _ in range(5):
         grads = {k: torch.randn_like(v) for k, v in p.items()}
         for t, g in zip(tp, grads.values()):
             t.grad = g.clone()
+        step += 1  # the owner advances the step, as FastDTQL's counters do once a step
         ours.update(grads)
         theirs.step()
     for a, b in zip(p.values(), tp):

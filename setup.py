@@ -12,6 +12,7 @@ setup(
     packages=["dtql_fast", "dtql_fast.kernels", "dtql_fast.profiling"],
     package_dir={"dtql_fast": "dtql_fast", "dtql_fast.kernels": "kernels",
                  "dtql_fast.profiling": "profiling"},
+    package_data={"dtql_fast": ["assets/*.pt", "assets/*.json"]},
     install_requires=[
         # Pin nothing that would drag a CUDA torch in: install torch first (see README).
         "torch>=2.5",
@@ -31,5 +32,7 @@ setup(
         "sweep": ["ray[default]==2.60.0"],
         "robotics": ["gymnasium-robotics>=1.2"],
         "hf": ["minari[hf]"],
+        # profiling.learning runs the authors' release from a checkout you supply; einops is its dependency.
+        "release": ["einops"],
     },
 )

@@ -137,6 +137,32 @@ def _wrap_eval_env(env: gym.Env, keys: Sequence[str], state_dim: int, what: str)
     return _CheckObsDim(env, state_dim, what)
 
 
+def check_env_widths(loaded: "LoadedData", need_env: bool = True):
+    """The dataset's state and action widths against its evaluation env, right after loading: a
+    mismatch would otherwise train to the end and fail at the first evaluation (or never, without
+    one). `need_env` False (no evaluation asked for): an env that cannot be built is not an error."""
+    if loaded.env_problem:
+        return
+    try:
+        env = loaded.make_env()  # _CheckObsDim refuses another observation width
+    except DatasetError:
+        raise
+    except Exception:
+        if need_env:
+            raise
+        return
+    try:
+        shape = env.action_space.shape
+        A = loaded.transitions.action_dim
+        if shape is not None and int(np.prod(shape)) != A:
+            env_id = getattr(env.spec, "id", None) or loaded.task.env_id
+            raise DatasetError(f"{loaded.source}: the dataset's actions have {A} dimensions, but its evaluation "
+                               f"env {env_id} takes {int(np.prod(shape))}; this dataset is not one of "
+                               f"{loaded.task.name}'s (pick the --task the data was collected on).")
+    finally:
+        env.close()
+
+
 def _robotics_problem(env_id: str | None) -> str | None:
     """None when gymnasium can build env_id, else what to install."""
     if env_id is None:
@@ -245,7 +271,7 @@ def d4rl_qlearning(raw: dict, source: str = "D4RL dataset") -> dict[str, np.ndar
     tout = _as_column(raw, "timeouts", n, source)
     keep = np.flatnonzero(~tout[: max(n - 1, 0)].astype(bool))
     return {"obs": obs[keep], "actions": act[keep], "rewards": rew[keep], "next_obs": obs[keep + 1],
-            "dones": term[keep].astype(bool)}
+            "dones": term[keep].astype(bool), "rows": keep}
 
 
 def _episode_returns(rewards: np.ndarray, ends: np.ndarray) -> list[float]:
@@ -273,12 +299,12 @@ def load_d4rl(task: Task, dataset_path=None, device="cpu", *, download: bool = T
             raise DatasetError(
                 f"D4RL dataset for {task.name!r} not found at {path}, and {why}. Download {url} and put it "
                 f"at {path} (e.g. `mkdir -p {path.parent} && wget -O {path} {url}`), or pass its path "
-                f"with dataset_path / set D4RL_DATASET_DIR to the folder holding it.")
+                f"with --dataset PATH, or set D4RL_DATASET_DIR to the folder holding it.")
     raw = _read_d4rl_hdf5(path, url)
     arrays = d4rl_qlearning(raw, source=str(path))
     transitions = Transitions.from_arrays(arrays["obs"], arrays["actions"], arrays["rewards"] + task.reward_shift,
                                           arrays["next_obs"], arrays["dones"], source=str(path),
-                                          max_action=task.hyper.max_action, device=device)
+                                          max_action=task.hyper.max_action, device=device, file_rows=arrays["rows"])
     ends = np.asarray(raw["terminals"]).reshape(-1).astype(bool) | np.asarray(raw["timeouts"]).reshape(-1).astype(bool)
     rets = _episode_returns(np.asarray(raw["rewards"]).reshape(-1), ends)
     state_dim = transitions.state_dim

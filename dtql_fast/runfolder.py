@@ -13,6 +13,8 @@ from pathlib import Path
 
 LOCKNAME = "run.lock"
 METRIC_FILES = ("metrics.jsonl", "train.csv", "eval.csv")
+# The files that make a folder hold a run (a new run into it is refused: train.keep_existing_run).
+RUN_FILES = ("config.json", "summary.json", "checkpoint.pt", "checkpoint.prev.pt", *METRIC_FILES)
 
 
 class RunFolderBusy(RuntimeError):
@@ -77,6 +79,29 @@ class RunLock:
                 p.rmdir()
             except OSError:
                 break
+
+
+def run_files(folder: str | os.PathLike) -> list[str]:
+    """The run files present in `folder` (none: it holds no run)."""
+    return [n for n in RUN_FILES if (Path(folder) / n).exists()]
+
+
+def move_aside(folder: str | os.PathLike) -> Path:
+    """Rename a run folder to <folder>.old-<time>[-n], under its lock (a live run is refused with
+    RunFolderBusy); returns the new path. Nothing is deleted."""
+    folder = Path(folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = folder.with_name(f"{folder.name}.old-{stamp}"), 1
+    while aside.exists():
+        aside, n = folder.with_name(f"{folder.name}.old-{stamp}-{n}"), n + 1
+    lock = RunLock(folder)
+    lock.acquire()
+    try:
+        os.rename(folder, aside)
+        lock.path = aside / LOCKNAME  # release removes the lock file where it now is
+    finally:
+        lock.release()
+    return aside
 
 
 def _same_file(fd: int, path: Path) -> bool:

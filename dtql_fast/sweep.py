@@ -33,9 +33,6 @@ from . import runs
 from .runs import RunProgress
 from .seeds import SeedListError, format_seeds, parse_seeds
 
-# Train flags that say where and how fast a run goes, not what it computes: they may change between
-# invocations of the same sweep. (checkpoint_every: time-based checkpoints, when train.py has them.)
-RUNTIME_FIELDS = {"device", "threads", "compile", "kernels", "profile_steps", "log_every", "checkpoint_every"}
 # Train flags the sweep sets itself for each run.
 OWNED_FLAGS = {"--task": "--tasks", "--seed": "--seeds", "--out": "--out (the sweep's folder)",
                "--resume": "nothing (the sweep resumes runs that have a checkpoint by itself)"}
@@ -157,8 +154,11 @@ def _absolute_dataset(train_args: tuple[str, ...]) -> tuple[str, ...]:
 
 def _identity(train_args: tuple[str, ...], task: str) -> dict:
     """The train settings that change a run's numbers (compared between invocations of one sweep)."""
+    from .train import RUNTIME_FIELDS  # flags that may change between invocations of one sweep
+
     cfg = dataclasses.asdict(_train_config(train_args, task))
-    return {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS | {"task", "seed", "seeds", "out", "resume"}}
+    return {k: v for k, v in cfg.items()
+            if k not in {*RUNTIME_FIELDS, "task", "seed", "seeds", "out", "resume", "overwrite"}}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

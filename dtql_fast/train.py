@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, divergence, runfolder
-from .data import OFFLINE_DATASET_ID, build_offline_dataset, load_dataset
+from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
 from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
-from .profiling.ranges import ProfileWindow, phase
+from .profiling.ranges import ProfileWindow, parse_window, phase
 from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
 from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
 from .transitions import DatasetError
@@ -50,6 +50,7 @@ class TrainConfig:
     checkpoint_every: float = 10.0
     profile_steps: str | None = None
     no_eval: bool = False
+    overwrite: bool = False            # a run already in --out is moved aside (never deleted)
     # schedule and algorithm overrides (None: the task's table value)
     epochs: int | None = None
     steps_per_epoch: int | None = None
@@ -67,6 +68,66 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(Hyper)}
         over = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
         return base.replace(**over)
+
+
+# Flags that say where and how fast a run goes, not what it computes (sweep.py compares the rest
+# between invocations of a sweep).
+RUNTIME_FIELDS = ("device", "threads", "compile", "kernels", "profile_steps", "log_every", "checkpoint_every")
+# What a resume may change besides those: how long it runs and how it is evaluated. Everything else
+# is the run's identity, fixed by its checkpoint: a resume giving another value is refused.
+RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("epochs", "eval_every", "eval_episodes", "no_eval")
+
+
+class ConfigError(ValueError):
+    """A flag that cannot train, refused before anything is read or written."""
+
+
+def _at_least(lo):
+    return lambda v: v >= lo, f">= {lo}"
+
+
+# flag name -> (test, what it needs); None values (the task's table) are not checked.
+_RANGES = {
+    "epochs": _at_least(1), "steps_per_epoch": _at_least(1), "pretrain_epochs": _at_least(0),
+    "eval_every": _at_least(1), "eval_episodes": _at_least(1), "log_every": _at_least(1),
+    "batch_size": _at_least(1), "noise_levels": _at_least(1), "threads": _at_least(1),
+    "checkpoint_every": (lambda v: math.isfinite(v) and v >= 0, "minutes >= 0 (0: only at evaluations and the end)"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "gamma": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "expectile": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+}
+
+
+def check_config(cfg: TrainConfig):
+    """Every flag that can be checked without data, checked at once: ranges, the device, the profile
+    window, the seeds. Raises ConfigError naming the flag and what it takes."""
+    problems = []
+    for name, (ok, need) in _RANGES.items():
+        v = getattr(cfg, name)
+        if v is not None and not ok(v):
+            problems.append(f"--{name.replace('_', '-')} {v}: takes {need}")
+    try:
+        parse_window(cfg.profile_steps)
+    except ValueError as e:
+        problems.append(str(e))
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            problems.append(f"--device {cfg.device}: takes cpu, cuda, cuda:N or auto")
+        elif dev.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {cfg.device}: torch sees no CUDA device; use --device cpu")
+        elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            problems.append(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices")
+    try:
+        check_seed_flags(cfg)
+    except SeedListError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -99,7 +160,11 @@ def parse_args(argv=None) -> TrainConfig:
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
                     "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")
-    a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run")
+    a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run. "
+                       "It may change only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
+    a("--overwrite", action="store_true",
+      help="if --out holds a run, move it aside to <out>.old-<time> first (nothing is deleted); without it, "
+           "a new run into a folder holding one is refused")
     a("--compile", action="store_true",
       help="torch.compile(fullgraph=True) the whole step; on CUDA also replay it as a CUDA graph")
     a("--kernels", choices=["auto", "torch", "triton"], default="auto",
@@ -134,8 +199,6 @@ def parse_args(argv=None) -> TrainConfig:
             ns.seeds = list(parse_seeds(ns.seeds))
         except SeedListError as e:
             p.error(str(e))
-    if ns.checkpoint_every < 0 or not math.isfinite(ns.checkpoint_every):
-        p.error(f"--checkpoint-every takes minutes >= 0 (0: only at evaluations and the end), got {ns.checkpoint_every}")
     return TrainConfig(**{k: v for k, v in vars(ns).items()})
 
 
@@ -316,12 +379,67 @@ def check_resumed_seeds(cli: TrainConfig, saved: TrainConfig, where: str):
 
 
 def train(cfg: TrainConfig) -> dict:
-    check_seed_flags(cfg)
+    check_config(cfg)
     out = run_folder(cfg)
-    with runfolder.RunLock(out) as lock:  # one writer per run folder, from before the first read
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        if not cfg.resume:
+            keep_existing_run(out, cfg.overwrite)
+        lock = runfolder.RunLock(out)
+        lock.acquire()  # one writer per run folder, from before the first read
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
+    try:
         if lock.note:
             print(f"note: {lock.note}")
         return _train(cfg, out)
+    finally:
+        lock.release()
+
+
+def keep_existing_run(out: Path, overwrite: bool):
+    """A new run never writes over one: refused, or with --overwrite the old run moved aside."""
+    found = runfolder.run_files(out)
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} holds a run already ({', '.join(found)}); continue it with --resume {out}, "
+                          "write this one to another --out, or pass --overwrite to move the old run aside")
+    aside = runfolder.move_aside(out)
+    print(f"note: the run that was in {out} is now in {aside}")
+
+
+def resumed_config(cli: TrainConfig, saved: TrainConfig, saved_hyper: dict, out: Path,
+                   where: str) -> tuple[TrainConfig, dict]:
+    """The resumed run's config: the checkpoint's, with the flags a resume may change taken from the
+    command where it gives them (RESUME_MAY_CHANGE; a flag left at its default keeps the run's). A flag that would change the run itself is refused, not dropped
+    (compared with the value the run trains with: its flag, else its task's table entry).
+    Returns (config, {flag: (before, now)} for what changed)."""
+    fixed = [f.name for f in dataclasses.fields(TrainConfig)
+             if f.name not in RESUME_MAY_CHANGE + ("task", "seed", "seeds", "out", "resume", "overwrite")]
+
+    def has(k):
+        return getattr(saved, k) if getattr(saved, k) is not None else saved_hyper.get(k)
+
+    def same(k, a, b):
+        if k == "dataset" and a and b:
+            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return a == b
+
+    refused = [(k, has(k), getattr(cli, k)) for k in fixed
+               if getattr(cli, k) is not None and not same(k, has(k), getattr(cli, k))]
+    if refused:
+        what = "; ".join(f"--{k.replace('_', '-')} (the run has {old}, this command gives {new})" for k, old, new in refused)
+        raise checkpoint.CheckpointError(
+            f"{where}: a resume continues the run as it was set up and cannot change {what}. Resume without "
+            f"them, or start a new run with another --out. A resume may change only "
+            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
+    default = TrainConfig()
+    take = {k: getattr(cli, k) for k in RESUME_MAY_CHANGE if getattr(cli, k) != getattr(default, k)}
+    cfg = dataclasses.replace(saved, resume=cli.resume, out=str(out), **take)
+    changed = {k: (getattr(saved, k), getattr(cfg, k)) for k in RESUME_MAY_CHANGE if getattr(saved, k) != getattr(cfg, k)}
+    return cfg, changed
 
 
 def _train(cfg: TrainConfig, out: Path) -> dict:
@@ -337,10 +455,10 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         if cfg.task != TrainConfig.task and cfg.task != saved.task:
             checkpoint.check_compatible(resumed, cfg.task, {}, where=f"checkpoint in {cfg.resume}")
         check_resumed_seeds(cfg, saved, where=f"checkpoint {latest.path}")
-        # The run's identity comes from the checkpoint; where and how fast it runs from the CLI.
-        cfg = dataclasses.replace(saved, resume=cfg.resume, device=cfg.device, compile=cfg.compile, threads=cfg.threads,
-                                  kernels=cfg.kernels, out=str(out), checkpoint_every=cfg.checkpoint_every,
-                                  epochs=cfg.epochs or saved.epochs, profile_steps=cfg.profile_steps)
+        # The run's identity comes from the checkpoint; where, how fast and how long it runs from the CLI.
+        cfg, changed = resumed_config(cfg, saved, resumed.get("hyper", {}), out, where=f"checkpoint {latest.path}")
+        if changed:
+            print("resume changes: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items()))
     elif cfg.seeds is None and cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=0)
     group = cfg.seeds  # None: one agent
@@ -354,6 +472,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     else:
         loaded = load_dataset(cfg.task, cfg.dataset, device)
     data, task = loaded.transitions, loaded.task
+    check_env_widths(loaded, need_env=not cfg.no_eval)
     hyper = cfg.hyper(task.hyper)
     if cfg.no_eval is False and loaded.env_problem:
         raise SystemExit(f"error: evaluation for {cfg.task} cannot run: {loaded.env_problem} "
@@ -388,9 +507,10 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                  "hyper": dataclasses.asdict(hyper),
                                                  "task": cfg.task, "source": loaded.source}, indent=2))
+    kernels_text = kernels if device.type == "cuda" or kernels == "torch" else f"{kernels} (their PyTorch form on a CPU)"
     who = f"seed {cfg.seed}" if group is None else f"seeds {format_seeds(group)} ({len(group)} agents, one step)"
     print(f"dtql_fast | task {cfg.task} | {who} | {data.n} transitions, state {data.state_dim}, action "
-          f"{data.action_dim} | device {device} | step: {mode}, kernels {kernels} | out {out}")
+          f"{data.action_dim} | device {device} | step: {mode}, kernels {kernels_text} | out {out}")
     if loaded.note:
         print(f"note: {loaded.note}")
 
@@ -625,7 +745,7 @@ def main(argv=None):
     try:
         train(cfg)
     except (UnknownTaskError, DatasetError, checkpoint.CheckpointError, divergence.Diverged,
-            runfolder.RunFolderBusy, SeedListError) as e:
+            runfolder.RunFolderBusy, SeedListError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
 
 

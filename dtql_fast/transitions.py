@@ -41,14 +41,18 @@ class Transitions:
 
     @classmethod
     def from_arrays(cls, obs, actions, rewards, next_obs, dones, *, source: str = "dataset",
-                    max_action: float = 1.0, device="cpu") -> "Transitions":
-        """Check the arrays and move them to `device` as float32 tensors."""
+                    max_action: float = 1.0, device="cpu", file_rows: np.ndarray | None = None) -> "Transitions":
+        """Check the arrays and move them to `device` as float32 tensors. `file_rows`: the source file's
+        row of each transition (D4RL's rule drops rows), so a bad value is reported where it is."""
         arrays = {"observations": obs, "actions": actions, "rewards": rewards,
                   "next_observations": next_obs, "terminals": dones}
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         n = arrays["observations"].shape[0] if arrays["observations"].ndim else 0
         if n == 0:
-            raise DatasetError(f"{source}: the dataset is empty (no transitions after filtering).")
+            why = "" if file_rows is None else (
+                " D4RL's rule pairs each row with the next one and drops the last row and every timeout "
+                "row, so a file needs at least two rows of one episode.")
+            raise DatasetError(f"{source}: no transitions to train on.{why}")
         for key, arr in arrays.items():
             if arr.shape[:1] != (n,):
                 raise DatasetError(f"{source}: '{key}' has {arr.shape[0] if arr.ndim else 0} rows, "
@@ -70,8 +74,9 @@ class Transitions:
             bad = ~np.isfinite(arr.astype(np.float64))
             if bad.any():
                 row = int(np.argwhere(bad)[0][0])
+                where = f"transition {row}" if file_rows is None else f"file row {int(file_rows[row])}"
                 raise DatasetError(f"{source}: '{key}' holds {int(bad.sum())} NaN/inf values "
-                                   f"(first at transition {row}); clean or drop those transitions.")
+                                   f"(first at {where}); clean or drop those rows.")
         amax = float(np.abs(arrays["actions"]).max())
         if amax > max_action + 1e-6:
             raise DatasetError(f"{source}: actions reach {amax:.4g}, outside the action box "

@@ -225,8 +225,10 @@ def test_d4rl_missing_file_no_network(tmp_path, monkeypatch):
     ("short_actions", "actions"),
     ("obs_3d", "2-D"),
     ("action_outside_box", "action box"),
-    ("empty", "empty"),
-    ("all_timeouts", "empty"),
+    ("empty", "no transitions to train on"),
+    ("all_timeouts", "no transitions to train on"),
+    ("one_row", "at least two rows of one episode"),
+    ("nan_after_timeout", "first at file row 5"),
     ("missing_timeouts", r"missing D4RL key\(s\) \['timeouts'\]"),
     ("missing_obs", r"missing D4RL key\(s\) \['observations'\]"),
 ])
@@ -250,6 +252,12 @@ def test_d4rl_bad_data(tmp_path, case, match):
         raw = {k: v[:0] for k, v in raw.items()}
     elif case == "all_timeouts":
         raw["timeouts"][:] = True
+    elif case == "one_row":
+        raw = {k: v[:1] for k, v in raw.items()}
+    elif case == "nan_after_timeout":  # the dropped timeout row shifts transitions: report the file's row
+        raw["timeouts"][:] = False
+        raw["timeouts"][1] = True
+        raw["observations"][5, 0] = np.nan
     elif case == "missing_timeouts":
         del raw["timeouts"]
     elif case == "missing_obs":

@@ -1,0 +1,151 @@
+"""Bad input is refused before any work, with one line naming the flag; no run is ever overwritten."""
+import h5py
+import numpy as np
+import pytest
+
+from dtql_fast import train as train_mod
+from dtql_fast.train import parse_args, train
+
+TINY = ["--epochs", "1", "--steps-per-epoch", "6", "--pretrain-epochs", "0", "--eval-every", "1",
+        "--eval-episodes", "1", "--batch-size", "16", "--log-every", "3", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _minari_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.getbasetemp() / "minari"))
+
+
+def _refused(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def _tree(folder):
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-every", "0"], "--eval-every 0: takes >= 1"),
+    (["--log-every", "0"], "--log-every 0: takes >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: takes >= 1"),
+    (["--batch-size", "-5"], "--batch-size -5: takes >= 1"),
+    (["--noise-levels", "0"], "--noise-levels 0: takes >= 1"),
+    (["--threads", "-1"], "--threads -1: takes >= 1"),
+    (["--threads", "0"], "--threads 0: takes >= 1"),
+    (["--epochs", "-1"], "--epochs -1: takes >= 1"),
+    (["--pretrain-epochs", "-1"], "--pretrain-epochs -1: takes >= 0"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch 0: takes >= 1"),
+    (["--eval-episodes", "0"], "--eval-episodes 0: takes >= 1"),
+    (["--lr", "-1"], "--lr -1.0: takes a finite number > 0"),
+    (["--lr", "nan"], "--lr nan: takes a finite number > 0"),
+    (["--alpha", "inf"], "--alpha inf: takes a finite number >= 0"),
+    (["--expectile", "2"], "--expectile 2.0: takes a number strictly between 0 and 1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every -1.0: takes minutes >= 0"),
+    (["--device", "tpu"], "--device tpu: takes cpu, cuda, cuda:N or auto"),
+    (["--profile-steps", "5:2"], "--profile-steps A:B needs 0 <= A < B, got '5:2'"),
+    (["--profile-steps", "x"], "--profile-steps takes A:B (two step numbers), got 'x'"),
+])
+def test_bad_flag_refused_before_anything_is_written(tmp_path, flags, message):
+    msg = _refused([*TINY, "--out", str(tmp_path / "run"), *flags])
+    assert message in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_bad_flags_named_at_once(tmp_path):
+    msg = _refused(["--epochs", "0", "--lr", "0", "--out", str(tmp_path / "run")])
+    assert "--epochs 0" in msg and "--lr 0.0" in msg
+
+
+def _d4rl_file(path, obs_dim, act_dim, n=200):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.standard_normal((n, obs_dim)).astype(np.float32)
+        f["actions"] = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
+        f["rewards"] = rng.standard_normal(n).astype(np.float32)
+        f["terminals"] = np.zeros(n, bool)
+        timeouts = np.zeros(n, bool)
+        timeouts[99::100] = True
+        f["timeouts"] = timeouts
+    return path
+
+
+@pytest.mark.parametrize("no_eval", [False, True], ids=["eval", "no-eval"])
+@pytest.mark.parametrize("dims, message", [
+    ((11, 6), "evaluation env Walker2d-v4 gives observations of size 17, but the dataset's states have size 11"),
+    ((17, 3), "the dataset's actions have 3 dimensions, but its evaluation env Walker2d-v4 takes 6"),
+])
+def test_dataset_of_another_env_refused_before_training(tmp_path, dims, message, no_eval):
+    data = _d4rl_file(tmp_path / "data.hdf5", *dims)
+    out = tmp_path / "run"
+    msg = _refused(["--task", "walker2d-medium-v2", "--dataset", str(data), *TINY, "--out", str(out),
+                    *(["--no-eval"] if no_eval else [])])
+    assert message in msg
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run on the offline Reacher data."""
+    root = tmp_path_factory.mktemp("finished")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.getbasetemp() / "minari"))
+    try:
+        train(parse_args([*TINY, "--seed", "1", "--out", str(root / "run")]))
+    finally:
+        mp.undo()
+    return root / "run"
+
+
+def test_new_run_into_a_run_folder_refused(finished):
+    before = _tree(finished)
+    msg = _refused([*TINY, "--seed", "2", "--out", str(finished)])
+    assert f"{finished} holds a run already" in msg and f"--resume {finished}" in msg and "--overwrite" in msg
+    assert _tree(finished) == before
+
+
+def test_overwrite_moves_the_old_run_aside(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(finished, run)
+    before = _tree(run)
+    train(parse_args([*TINY, "--seed", "2", "--out", str(run), "--overwrite"]))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before  # the old run, untouched, beside the new one
+    assert f"now in {aside[0]}" in capsys.readouterr().out
+    assert (run / "summary.json").exists()
+
+
+def test_resume_refuses_flags_that_change_the_run(finished):
+    before = _tree(finished)
+    msg = _refused(["--resume", str(finished), "--lr", "1e-3", "--batch-size", "8"])
+    assert "cannot change --lr (the run has 0.0003, this command gives 0.001)" in msg
+    assert "--batch-size (the run has 16, this command gives 8)" in msg
+    assert "A resume may change only --device" in msg
+    assert _tree(finished) == before
+
+
+def test_resume_applies_and_lists_what_it_may_change(finished, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    summary = train(parse_args(["--resume", str(run), "--epochs", "2", "--log-every", "2", "--lr", "3e-4"]))
+    out = capsys.readouterr().out
+    assert "resume changes: --log-every 3 -> 2, --epochs 1 -> 2" in out  # --lr: the run's own value, accepted
+    assert summary["steps"] == 12
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("x")
+    assert "is a file, not a folder; choose another --out" in _refused([*TINY, "--out", str(target)])
+    assert target.read_text() == "x"
+
+
+def test_out_where_nothing_can_be_written_is_one_line():
+    """/sys refuses a new folder even to root (EPERM), as a read-only or foreign mount would."""
+    msg = _refused([*TINY, "--out", "/sys/dtql-fast-run"])
+    assert "--out /sys/dtql-fast-run: cannot write there (" in msg and "choose another --out" in msg

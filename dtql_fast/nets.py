@@ -1,7 +1,7 @@
 """The three networks of DTQL, laid out exactly as the authors' public release has them.
 
 Layer order matters: weights are loaded across implementations by state_dict, and the
-parameter-shape tests pin these layouts. See ../shared/spec/dtql-reference.md, "Networks".
+parameter-shape tests pin these layouts. See docs/algorithm.md, "Networks".
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SPEC = ("the project spec, shared/spec/dtql-reference.md, \"The paper's numbers to compare against\", "
+SPEC = ("the project's algorithm page, docs/algorithm.md, \"Paper numbers used for comparison\", "
         "which quotes the DTQL paper")
 DOSER = ("Wang et al., \"Beyond Penalization: Diffusion-based Out-of-Distribution Detection and Selective "
          "Regularization in Offline Reinforcement Learning\" (DOSER), ICLR 2026, arXiv:2605.08202, Table 1, "

@@ -1,6 +1,6 @@
 """The reference DTQL: eager, plain PyTorch, and never optimised. It is the oracle.
 
-It computes exactly ../shared/spec/dtql-reference.md, quirks of the authors' release included.
+It computes exactly docs/algorithm.md, quirks of the authors' release included.
 Every random draw of a step comes in through a `Draws`, so the fast path can be fed the same
 numbers and checked against this file. Work that a fast path may skip (a second critic forward,
 gradients into networks the step does not update) is done here as the release does it.

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, divergence, runfolder
+from . import checkpoint, compiling, divergence, runfolder
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
 from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from .profiling.ranges import ProfileWindow, parse_window, phase
@@ -42,7 +42,7 @@ class TrainConfig:
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
-    compile: bool = False
+    compile: bool | None = None        # None: compiled on CUDA; on a CPU where it pays (compiling.py)
     kernels: str = "auto"
     threads: int | None = None
     eval_episodes: int | None = None
@@ -165,8 +165,10 @@ def parse_args(argv=None) -> TrainConfig:
     a("--overwrite", action="store_true",
       help="if --out holds a run, move it aside to <out>.old-<time> first (nothing is deleted); without it, "
            "a new run into a folder holding one is refused")
-    a("--compile", action="store_true",
-      help="torch.compile(fullgraph=True) the whole step; on CUDA also replay it as a CUDA graph")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile(fullgraph=True) the whole step (on CUDA also replayed as a CUDA graph), or not. "
+           "Default: compiled on CUDA; on a CPU the run times a few eager steps and compiles the rest where "
+           "the time saved beats the compile (warm when an earlier run compiled the same shapes)")
     a("--kernels", choices=["auto", "torch", "triton"], default="auto",
       help="EDM losses: fused Triton kernels or the plain PyTorch formula (auto: triton on CUDA)")
     g = p.add_argument_group("schedule (default: the task's table)")
@@ -495,13 +497,21 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
 
     spe = hyper.steps_per_epoch
     pre_total, total = hyper.pretrain_epochs * spe, (hyper.pretrain_epochs + hyper.epochs) * spe
-    mode = "eager" if not cfg.compile else ("cudagraph" if device.type == "cuda" else "compile")
+    choice = compiling.initial(cfg.compile, device)  # compile or not; None: decided after timing eager steps
+    cache = compiling.use_cache() if choice.compile is not False else None
     runners = {}
+
+    def mode() -> str:
+        return "eager" if not choice.compile else ("cudagraph" if device.type == "cuda" else "compile")
 
     def runner(pretrain: bool) -> StepRunner:
         if pretrain not in runners:
-            runners[pretrain] = StepRunner(agent, data, mode=mode, pretrain=pretrain)
+            runners[pretrain] = StepRunner(agent, data, mode=mode(), pretrain=pretrain)
         return runners[pretrain]
+
+    def signature(pretrain: bool) -> str:  # what a compiled step is cached by, beside its graph
+        return (f"{device.type}|S{data.state_dim}|A{data.action_dim}|B{hyper.batch_size}|K{hyper.noise_levels}|"
+                f"H{hyper.hidden}|N{len(group) if group else 0}|{kernels}|{'pretrain' if pretrain else 'train'}")
 
     log = MetricLog(out)
     (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
@@ -510,7 +520,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     kernels_text = kernels if device.type == "cuda" or kernels == "torch" else f"{kernels} (their PyTorch form on a CPU)"
     who = f"seed {cfg.seed}" if group is None else f"seeds {format_seeds(group)} ({len(group)} agents, one step)"
     print(f"dtql_fast | task {cfg.task} | {who} | {data.n} transitions, state {data.state_dim}, action "
-          f"{data.action_dim} | device {device} | step: {mode}, kernels {kernels_text} | out {out}")
+          f"{data.action_dim} | device {device} | step: {mode() if choice.compile is not None else 'auto'} "
+          f"({choice.why}), kernels {kernels_text} | out {out}")
     if loaded.note:
         print(f"note: {loaded.note}")
 
@@ -527,11 +538,15 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
             "hyper": dataclasses.asdict(hyper), "agent": state, "step": step,
             "rng": _rng_state(device)})
 
-    act_rule = torch.compile(agent.act, fullgraph=True) if cfg.compile else agent.act
+    def acting():
+        return torch.compile(agent.act, fullgraph=True) if choice.compile else agent.act
+
+    act_rule = acting()
 
     def run_eval(step: int) -> list[dict]:
         with phase("evaluate"):
-            results = evaluate_agents(act_rule, loaded, hyper, device, cfg, step, eval_episodes)
+            results = evaluate_agents(act_rule, loaded, hyper, device, cfg, step, eval_episodes,
+                                      padded=bool(choice.compile))
         rows = eval_rows(results, step, (step - pre_total) // spe, group)
         for row in rows:
             log.write("eval", row)
@@ -548,6 +563,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     step = start
     t_log, steps_since = time.perf_counter(), 0
     compile_reported = set()
+    timed, t_timed = 0, 0.0  # eager steps timed for the automatic choice
     weights = divergence.WeightWatch(agent.params(), seeds=group)
     stop = StopAtStepEnd().install()  # uninstalled in the finally: below
     try:
@@ -555,11 +571,26 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
             pretrain = step < pre_total
             profile.before(step)
             run = runner(pretrain)
+            hits, t_step = compiling.cache_hits(), time.perf_counter()
             run()
+            t_step = time.perf_counter() - t_step
             if run.compile_seconds and pretrain not in compile_reported:
                 compile_reported.add(pretrain)
+                warm = compiling.cache_hits() > hits
                 tqdm.write(f"compiled the {'pretraining' if pretrain else 'training'} step in "
-                           f"{run.compile_seconds:.1f}s")
+                           f"{run.compile_seconds:.1f}s ({'warm: from' if warm else 'cold; kept for the next run in'} "
+                           f"{cache})")
+                compiling.remember(cache, signature(pretrain), run.compile_seconds)
+            if choice.compile is None and step - start >= compiling.SKIP_STEPS:
+                timed, t_timed = timed + 1, t_timed + t_step
+                if timed == compiling.MEASURE_STEPS:
+                    phases = [p for p in (True, False) if (p and step + 1 < pre_total) or (not p)]
+                    choice = compiling.decide(t_timed / timed, total - step - 1, len(phases),
+                                              all(compiling.compiled_before(cache, signature(p)) for p in phases))
+                    tqdm.write(f"step: {'compiled' if choice.compile else 'eager'} for the rest of the run: {choice.why}")
+                    if choice.compile:
+                        runners.clear()
+                        act_rule = acting()
             profile.after(step)
             step += 1
             steps_since += 1
@@ -613,7 +644,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     log.close()
     plot_curves(out)
     summary = {"task": cfg.task, "steps": step, "out": str(out), **({} if group is None else {"seeds": list(group)})}
-    if cfg.compile:
+    summary["step_mode"] = mode()
+    if choice.compile:
         # One graph each for pretraining, training and acting; more would mean recompilation.
         summary["compiled_graphs"] = _compiled_graphs() - graphs_before
         print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
@@ -645,7 +677,7 @@ def progress_postfix(metrics: dict | list[dict], sps: float) -> dict:
 
 
 def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
-                    episodes: int) -> list[dict]:
+                    episodes: int, padded: bool = False) -> list[dict]:
     """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
     would (env seeds s * 10000 + 1000 + j, draws from a generator seeded by s and the step); a group
     plays all its seeds' episodes in one vector env, one acting call per env step. Compiled, every
@@ -659,9 +691,9 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
         return seed * 10_000 + 1000
 
     if cfg.seeds is None:
-        act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if cfg.compile else None)
+        act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if padded else None)
         return [evaluate(act, loaded.make_env, episodes, seed=env_seed(cfg.seed), task=loaded.task)]
-    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.seeds], pad=cfg.compile)
+    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.seeds], pad=padded)
     return evaluate_group(act, loaded.make_env, episodes, [env_seed(s) for s in cfg.seeds], task=loaded.task)
 
 

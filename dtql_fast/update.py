@@ -1,7 +1,7 @@
 """The fast DTQL step: the whole update, top to bottom, with no host synchronisation.
 
 Read `FastDTQL.train_step` from top to bottom: it is the algorithm of
-../shared/spec/dtql-reference.md, in the spec's order. What makes it fast:
+docs/algorithm.md, in its order. What makes it fast:
 
 - The networks are pure functions of packed parameters (fastnets.py): each Linear's bias rides
   in its matmul, Q1 and Q2 are one batched matmul a layer, V(s) and V(s') one pass on a GPU, so a

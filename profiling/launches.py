@@ -3,11 +3,11 @@
     python -m dtql_fast.profiling.launches --task antmaze-umaze-v0 --kernels torch,triton --json out.json
     python -m dtql_fast.profiling.launches --task walker2d-medium-v2 --seeds 5   # a group of 5 seeds
 
-The method of the team's tool ../shared/tools/gpu_offline.py (--part step), whose machinery it
-imports (--tool PATH): a fake CUDA device inside the CPU torch build, dynamo's graph of the
-StepRunner 'compile' step captured on the CPU, and inductor's real CUDA code generation run on
-it; the generated module is parsed for Triton launches, cuBLAS calls and ATen fallbacks. The
-tool counts the walker2d step as the CPU traces it; this counts any task's shapes, and the step a
+The method is in profiling/fake_cuda.py, which the team's gpu_offline.py tool (--part step)
+also uses: a fake CUDA device inside the CPU torch build, dynamo's graph of the StepRunner
+'compile' step captured on the CPU, and inductor's real CUDA code generation run on it; the
+generated module is parsed for Triton launches, cuBLAS calls and ATen fallbacks. The tool
+counts the walker2d step as the CPU traces it; this counts any task's shapes, and the step a
 CUDA device traces (V(s) and V(s') in one pass: FastDTQL.joint_value; on a CPU they are two,
 which the tool's count includes: 7 launches more). Every number is a compile-time
 count, not a timing: at batch 256 a step is launch-bound, so launches are the GPU-time proxy.
@@ -15,8 +15,6 @@ count, not a timing: at batch 256 a step is launch-bound, so launches are the GP
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,19 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_TOOL = Path(__file__).resolve().parents[1] / ".." / "shared" / "tools" / "gpu_offline.py"
+from dtql_fast.profiling import fake_cuda  # imports only the standard library: torch is not loaded yet
+
 SYNTHETIC_ROWS = 1000
-
-
-def load_tool(path: str | os.PathLike):
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: the launch counter needs the team's gpu_offline.py; not found at {path} "
-                         "(pass --tool PATH)")
-    spec = importlib.util.spec_from_file_location("gpu_offline", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)  # imports only the standard library: torch is not loaded yet
-    return tool
 
 
 def _capture(task: str, kernels: str, seeds: int | None):
@@ -79,9 +67,8 @@ def _capture(task: str, kernels: str, seeds: int | None):
                          "noise_levels": hyper.noise_levels, "seeds": seeds}
 
 
-def child(tool_path: str, task: str, kernels: str, seeds: int | None, out: str) -> None:
-    tool = load_tool(tool_path)
-    ctypes.CDLL(tool.build_fake_cuda_lib(), mode=ctypes.RTLD_GLOBAL)  # before torch is imported
+def child(task: str, kernels: str, seeds: int | None, out: str) -> None:
+    fake_cuda.load()  # before torch is imported
     import torch
     torch.set_num_threads(1)
     result = {"kernels": kernels, "ok": False}
@@ -89,7 +76,7 @@ def child(tool_path: str, task: str, kernels: str, seeds: int | None, out: str) 
     try:
         (gm, example_inputs), shapes = _capture(task, kernels, seeds)
         result.update(shapes)
-        tool.retarget_to_cuda(gm)
+        fake_cuda.retarget_to_cuda(gm)
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.graph import GraphLowering
         from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -103,7 +90,7 @@ def child(tool_path: str, task: str, kernels: str, seeds: int | None, out: str) 
             raise Generated  # stop before the module is loaded (that would compile and launch)
 
         GraphLowering.save_output_code = staticmethod(save)
-        with tool.fake_cuda() as props:
+        with fake_cuda.fake_cuda() as props:
             mode = FakeTensorMode()
             cuda = torch.device("cuda", 0)
             fake = [FakeTensor(mode, torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"), cuda)
@@ -113,7 +100,7 @@ def child(tool_path: str, task: str, kernels: str, seeds: int | None, out: str) 
             except Exception:
                 if not codes:
                     raise
-            result.update(tool.analyse_module(codes[0]))
+            result.update(fake_cuda.analyse_module(codes[0]))
             result["device"] = f"{props.name}, {props.multi_processor_count} SMs, cc {props.major}.{props.minor}"
         result["total_launches"] = (result["triton_launches"] + sum(result["extern_calls"].values())
                                     + sum(result["fallbacks"].values()))
@@ -126,7 +113,7 @@ def child(tool_path: str, task: str, kernels: str, seeds: int | None, out: str) 
     Path(out).write_text(json.dumps(result, indent=1, default=str))
 
 
-def count(task: str, kernels: list[str], tool: str, seeds: int | None = None) -> dict:
+def count(task: str, kernels: list[str], seeds: int | None = None) -> dict:
     """Run one child process per kernels mode (the fake CUDA library must load before torch)."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="dtql_launches_") as tmp:
@@ -137,7 +124,7 @@ def count(task: str, kernels: list[str], tool: str, seeds: int | None = None) ->
         for mode in kernels:
             out = os.path.join(tmp, f"{mode}.json")
             proc = subprocess.run([sys.executable, "-m", "dtql_fast.profiling.launches", "--child", "--task", task,
-                                   "--kernels", mode, "--tool", tool, "--json", out]
+                                   "--kernels", mode, "--json", out]
                                   + ([] if seeds is None else ["--seeds", str(seeds)]),
                                   env=env, capture_output=True, text=True)
             results[mode] = (json.loads(Path(out).read_text()) if os.path.exists(out) else
@@ -174,18 +161,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dtql_fast.profiling.launches", description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="walker2d-medium-v2", help="a task of the table, or a family (walker2d, antmaze)")
     ap.add_argument("--kernels", default="torch,triton", help="comma-separated kernels= modes")
-    ap.add_argument("--tool", default=str(DEFAULT_TOOL), help="path of gpu_offline.py")
     ap.add_argument("--seeds", type=int, help="count the step of a group of this many seeds (FastDTQL(seeds=...))")
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.tool, args.task, args.kernels, args.seeds, args.json)
+        child(args.task, args.kernels, args.seeds, args.json)
         return 0
-    load_tool(args.tool)  # fail early, with the message, if it is missing
     if args.seeds is not None and args.seeds < 1:
         ap.error(f"--seeds {args.seeds}: a group has at least one seed")
-    results = count(args.task, [m for m in args.kernels.split(",") if m], args.tool, args.seeds)
+    results = count(args.task, [m for m in args.kernels.split(",") if m], args.seeds)
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -140,8 +140,7 @@ def ours_command(variant: str, task: str, dataset: str, seeds: list[int], sched:
             "--log-every", str(min(1000, sched["steps_per_epoch"]))]
     if sched.get("eval_episodes"):
         base += ["--eval-episodes", str(sched["eval_episodes"])]
-    if variant.endswith("compiled"):
-        base.append("--compile")
+    base.append("--compile" if variant.endswith("compiled") else "--no-compile")
     if variant.startswith("group"):
         return [base + ["--seeds", format_seeds(seeds), "--out", str(out / variant)]]
     return [base + ["--seed", str(s), "--out", str(out / variant / f"seed{s}")] for s in seeds]

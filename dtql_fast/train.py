@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import signal
 import statistics
 import sys
@@ -544,15 +545,19 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     act_rule = acting()
 
     def run_eval(step: int) -> list[dict]:
+        t0 = time.perf_counter()
         with phase("evaluate"):
             results = evaluate_agents(act_rule, loaded, hyper, device, cfg, step, eval_episodes,
                                       padded=bool(choice.compile))
+        clock["eval_s"] += time.perf_counter() - t0
         rows = eval_rows(results, step, (step - pre_total) // spe, group)
         for row in rows:
             log.write("eval", row)
         tqdm.write(eval_message(rows, group))
         return rows
 
+    # This process's wall time, split (summary.json "time"; the report's time per task).
+    clock = {"start": time.perf_counter(), "compile_s": 0.0, "eval_s": 0.0, "first_step": start}
     graphs_before = _compiled_graphs()
     profile = ProfileWindow(cfg.profile_steps, device, out)
     bar = tqdm(total=total, initial=start, desc="pretrain" if start < pre_total else "train",
@@ -581,6 +586,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
                            f"{run.compile_seconds:.1f}s ({'warm: from' if warm else 'cold; kept for the next run in'} "
                            f"{cache})")
                 compiling.remember(cache, signature(pretrain), run.compile_seconds)
+                clock["compile_s"] += run.compile_seconds
             if choice.compile is None and step - start >= compiling.SKIP_STEPS:
                 timed, t_timed = timed + 1, t_timed + t_step
                 if timed == compiling.MEASURE_STEPS:
@@ -644,6 +650,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     log.close()
     plot_curves(out)
     summary = {"task": cfg.task, "steps": step, "out": str(out), **({} if group is None else {"seeds": list(group)})}
+    summary["time"] = run_time(clock, step, pre_total, device)
     summary["step_mode"] = mode()
     if choice.compile:
         # One graph each for pretraining, training and acting; more would mean recompilation.
@@ -658,6 +665,33 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
 
 
 # -- one seed or a group: the rows, messages and summary that differ ----------------------------------------
+
+
+def hardware(device: torch.device) -> str:
+    """The machine a run's times were measured on: the GPU's name, or the CPU model and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+def run_time(clock: dict, step: int, pre_total: int, device: torch.device) -> dict:
+    """summary.json's "time": this process's wall seconds split into compile, evaluation and training
+    (the rest), the steps it ran (pretraining ones apart) and the machine. A resumed run counts only
+    its own process (first_step > 0)."""
+    total = time.perf_counter() - clock["start"]
+    first = clock["first_step"]
+    return {"total_s": round(total, 2), "compile_s": round(clock["compile_s"], 2), "eval_s": round(clock["eval_s"], 2),
+            "train_s": round(total - clock["compile_s"] - clock["eval_s"], 2), "first_step": first,
+            "steps": step - first, "pretrain_steps": max(0, min(step, pre_total) - first),
+            "hardware": hardware(device)}
 
 
 def train_rows(step: int, pretrain: bool, sps: float, metrics: dict | list[dict], lrs: dict,

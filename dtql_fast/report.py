@@ -1,12 +1,18 @@
-"""python -m dtql_fast.report FOLDER: the sweep's table beside the paper's Table 1.
+"""python -m dtql_fast.report FOLDER: the sweep's results beside the DTQL paper's tables.
 
 FOLDER is a sweep (python -m dtql_fast.sweep --out) or any folder holding run folders (train.py's
---out: one seed, or a seed group of train --seeds, read as its seeds) at any depth. Per task: the
-normalised score, mean ± std over seeds, at the last evaluation and at the best one (each seed's
-highest evaluation, then mean ± std over seeds), the paper's number and the differences. Writes
-report.md, report.csv and curves_<task>.png (mean over seeds with a ± std band) to --out (default
-FOLDER/report) and prints the Markdown. Runs not finished (still going, or stopped) count with their
-latest evaluation and are marked; failed runs are listed with their error and left out of the numbers.
+--out: one seed, or a seed group of train --seeds, read as its seeds) at any depth. Per task: our
+normalised score at the last evaluation, mean ± sample std over seeds, its standard error and the
+number of seeds; at the best evaluation (best-of-run: each seed's highest, picked after the fact, so it
+overstates); the paper's DTQL mean ± spread (Table 1; Table 6 for AntMaze -v2), the strongest
+baseline of the paper's row, whether ours lies within the paper's spread and by how many of our
+standard errors it differs. Domain averages as the paper forms them. Time per task: our hours beside
+Table 7's, the speedup, and the paper's full schedule projected from our training rate where a run was
+shorter. Data that is not the paper's (a Minari id, another file given to --dataset) is said so and
+not compared. Writes report.md, report.csv, paper_vs_ours.png (ours against the paper per task) and
+curves_<task>.png (mean over seeds with a ± std band) to --out (default FOLDER/report) and prints the
+Markdown. Runs not finished (still going, or stopped) count with their latest evaluation and are
+marked; failed runs are listed with their error and left out of the numbers.
 """
 from __future__ import annotations
 
@@ -18,9 +24,94 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paper, runs
+from .tasks import TASKS
 
 MARK_UNFINISHED = "†"
 
+
+# -- one run's time --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunTime:
+    """One training process's time (summary.json "time") and what the paper's full schedule takes at it."""
+    process_s: float            # this process's wall seconds
+    hours: float                # the full schedule: measured when this process ran all of it, else projected
+    projected: bool
+    steps: int                  # steps this process ran
+    full_steps: int             # the paper's schedule (a task not in the paper: the run's own)
+    s_per_1k: float             # training seconds per 1000 steps (compiling and evaluating apart)
+    evals_measured: bool        # False: no evaluation ran in this process (a projection leaves them out)
+    hardware: str
+    seeds: int                  # agents trained together in the process (a seed group shares one time)
+
+
+def _schedule(task: str, cfg: dict) -> tuple[int, int, int, int]:
+    """(pretrain epochs, epochs, steps per epoch, eval every) of the paper's schedule for a task of its
+    tables (Table 7 times all of it: 50 pretraining epochs + the task's epochs, 1000 steps each), else
+    of the run's own config."""
+    if task in TASKS:
+        h = TASKS[task].hyper
+        return h.pretrain_epochs, h.epochs, h.steps_per_epoch, h.eval_every
+    h = cfg.get("hyper", {})
+    return h.get("pretrain_epochs", 0), h.get("epochs", 0), h.get("steps_per_epoch", 0), h.get("eval_every", 1)
+
+
+def run_time(task: str, cfg: dict, summary: dict | None, eval_rows: list[dict], seeds: int) -> RunTime | None:
+    """None for a run without "time" in its summary.json (made before train.py wrote one, or not finished).
+
+    A process that ran the whole schedule from step 0 is measured. Any other (a shorter schedule, or a
+    resumed run, whose summary times only its last process) is projected: compiling once, training at
+    its measured rate (train_s / steps; pretraining steps counted at that rate too) for the full
+    schedule's steps, and its measured seconds per evaluation, scaled to the task's evaluation
+    episodes, for the full schedule's evaluations."""
+    t = (summary or {}).get("time")
+    if not t or not t.get("steps"):
+        return None
+    pre, epochs, spe, every = _schedule(task, cfg)
+    full = (pre + epochs) * spe
+    if not full:  # no schedule to time (a config.json without "hyper")
+        return None
+    steps, first = t["steps"], t.get("first_step", 0)
+    rate = t["train_s"] / steps
+    ran = sorted({r["step"] for r in eval_rows if first < r["step"] <= first + steps})
+    if first == 0 and steps == full:
+        hours, projected = t["total_s"] / 3600, False
+    else:
+        evals = 0.0
+        if ran:
+            episodes = next(r.get("episodes") for r in eval_rows if r["step"] == ran[0]) or 1
+            wanted = TASKS[task].eval_episodes if task in TASKS else episodes
+            evals = t["eval_s"] / len(ran) * wanted / episodes * math.ceil(epochs / every)
+        hours, projected = (t["compile_s"] + rate * full + evals) / 3600, True
+    return RunTime(t["total_s"], hours, projected, steps, full, rate * 1000, bool(ran),
+                   t.get("hardware", "unknown machine"), seeds)
+
+
+# -- where a run's data came from ------------------------------------------------------------------------
+
+def data_note(task: str, cfg: dict) -> str | None:
+    """Why a run is not compared with the paper; None: a task of the paper's tables on the paper's data."""
+    from .data import OFFLINE_DATASET_ID, is_minari_id  # data imports gymnasium: only when a report is made
+
+    if task == OFFLINE_DATASET_ID:
+        return "this project's offline demo data: not in the paper"
+    if is_minari_id(task):
+        return ("Minari dataset, re-collected on newer environments: not the paper's data, no Table 1 "
+                "comparison")
+    if paper.row(task) is None:
+        return "not in the paper's tables"
+    dataset = cfg.get("config", {}).get("dataset")
+    # Without --dataset train.py reads D4RL's file from its cache. With it, the file read (config.json's
+    # "source") is D4RL's when it bears D4RL's file name (a folder holding the D4RL files, or the file
+    # itself kept elsewhere); any other file is some other data under the task's name.
+    source = Path(cfg.get("source") or dataset or "")
+    d4rl_name = Path(TASKS[task].d4rl_url).name
+    if dataset is not None and source.name != d4rl_name:
+        return f"not the paper's data: trained on {source} (--dataset), not D4RL's {d4rl_name}"
+    return None
+
+
+# -- runs and tasks --------------------------------------------------------------------------------------
 
 @dataclass
 class SeedRun:
@@ -33,6 +124,8 @@ class SeedRun:
     step: int | None = None
     total: int | None = None
     error: str | None = None
+    data_note: str | None = None                # see data_note
+    time: RunTime | None = None                 # a seed group's seeds share their process's
 
     @property
     def last(self) -> float | None:
@@ -41,6 +134,40 @@ class SeedRun:
     @property
     def best(self) -> float | None:
         return max(s for _, s in self.evals) if self.evals else None
+
+
+@dataclass(frozen=True)
+class TaskTime:
+    """A task's runs' time: hours of the paper's full schedule (Table 7's measure) per run and per seed."""
+    runs: list[RunTime]         # one per timed process
+    untimed: int                # counted runs without a time: unknown
+    paper_hours: float | None   # Table 7 (one seed, one RTX A5000)
+
+    @property
+    def hours_per_run(self) -> float | None:
+        return sum(t.hours for t in self.runs) / len(self.runs) if self.runs else None
+
+    @property
+    def hours_per_seed(self) -> float | None:
+        """Machine-hours per seed: a seed group trains its seeds in one process (Table 7: one seed a run)."""
+        return sum(t.hours for t in self.runs) / sum(t.seeds for t in self.runs) if self.runs else None
+
+    @property
+    def speedup(self) -> float | None:
+        h = self.hours_per_seed
+        return None if h is None or self.paper_hours is None else self.paper_hours / h
+
+    @property
+    def s_per_1k(self) -> float | None:
+        return sum(t.s_per_1k for t in self.runs) / len(self.runs) if self.runs else None
+
+    @property
+    def hardware(self) -> str:
+        return "; ".join(sorted({t.hardware for t in self.runs})) or "–"
+
+    @property
+    def projected(self) -> int:
+        return sum(t.projected for t in self.runs)
 
 
 @dataclass
@@ -52,7 +179,15 @@ class TaskRow:
     failed: int
     last: tuple[float, float | None] | None     # (mean, std over seeds; None with one seed)
     best: tuple[float, float | None] | None
-    paper: float | None
+    paper: float | None                         # DTQL's mean (paper_row's); None: no comparison
+    paper_row: paper.Row | None = None          # None: not in the paper, or not the paper's data (data_note)
+    data_note: str | None = None
+    time: TaskTime | None = None
+
+    @property
+    def last_se(self) -> float | None:
+        """Standard error of the last-evaluation mean over seeds (None with one seed)."""
+        return None if self.last is None or self.last[1] is None else self.last[1] / math.sqrt(self.seeds)
 
     @property
     def last_diff(self) -> float | None:
@@ -61,6 +196,36 @@ class TaskRow:
     @property
     def best_diff(self) -> float | None:
         return None if self.best is None or self.paper is None else self.best[0] - self.paper
+
+    @property
+    def within_spread(self) -> bool | None:
+        """Our last-evaluation mean within the paper's DTQL mean ± spread."""
+        return None if self.last is None or self.paper_row is None else self.paper_row.dtql.contains(self.last[0])
+
+    @property
+    def diff_in_se(self) -> float | None:
+        """(ours − paper) in our standard errors."""
+        d, se = self.last_diff, self.last_se
+        return None if d is None or not se else d / se
+
+
+@dataclass(frozen=True)
+class DomainRow:
+    """Ours averaged over a domain's tasks as the paper averages them: the plain mean of the per-task means."""
+    domain: paper.Domain
+    tasks: tuple[str, ...]      # ours, on the paper's data, with a score
+    last: float
+    last_se: float | None       # of the average, from the tasks' standard errors (None if one lacks one)
+    best: float
+    paper: float                # the printed average with every task; else the mean of the paper's rows of ours
+
+    @property
+    def complete(self) -> bool:
+        return set(self.tasks) == set(self.domain.tasks)
+
+    @property
+    def last_diff(self) -> float:
+        return self.last - self.paper
 
 
 def _is_run_dir(d: Path) -> bool:
@@ -96,11 +261,13 @@ def _read_run(d: Path) -> list[SeedRun]:
         per_seed = [(s, [r for r in eval_rows if r.get("seed") == s]) for s in group]
     else:
         per_seed = [(cfg.get("config", {}).get("seed", status.get("seed")), eval_rows)]
+    note = data_note(task, cfg)
+    timed = run_time(task, cfg, runs.read_json(d / "summary.json"), eval_rows, len(per_seed))
     out = []
     for s, rows in per_seed:
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
-        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error))
+        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed))
     return out
 
 
@@ -113,19 +280,51 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None] | None:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _task_time(task: str, counted: list[SeedRun]) -> TaskTime:
+    by_dir = {r.run_dir: r for r in counted}        # a seed group's seeds share one process, timed once
+    hours = paper.TABLE7.get(task)
+    return TaskTime(runs=[r.time for r in by_dir.values() if r.time is not None],
+                    untimed=sum(r.time is None for r in by_dir.values()),
+                    paper_hours=hours.hours if hours else None)
+
+
 def summarise(seed_runs: list[SeedRun]) -> list[TaskRow]:
+    """One row per task and data source (a task trained on the paper's data and on other data: two rows)."""
     rows = []
-    for task in sorted({r.task for r in seed_runs}):
-        mine = [r for r in seed_runs if r.task == task]
+    for task, note in sorted({(r.task, r.data_note) for r in seed_runs}, key=lambda k: (k[0], k[1] or "")):
+        mine = [r for r in seed_runs if r.task == task and r.data_note == note]
         counted = [r for r in mine if r.state != "failed" and r.evals]
         kind = "score" if all(r.kind == "score" for r in counted) else "return"
+        ref = paper.row(task) if note is None else None
         rows.append(TaskRow(task=task, kind=kind, seeds=len(counted),
                             unfinished=sum(r.state != "finished" for r in counted),
                             failed=sum(r.state == "failed" for r in mine),
                             last=_mean_std([r.last for r in counted]), best=_mean_std([r.best for r in counted]),
-                            paper=paper.paper_score(task)))
+                            paper=ref.dtql.mean if ref else None, paper_row=ref, data_note=note,
+                            time=_task_time(task, [r for r in mine if r.state != "failed"])))
     return rows
 
+
+def domain_averages(rows: list[TaskRow]) -> list[DomainRow]:
+    """Per paper domain with any task of ours (on the paper's data, scored): the mean over its tasks."""
+    out = []
+    for dom in paper.DOMAINS:
+        mine = [r for r in rows if r.paper_row is not None and r.paper_row.domain == dom.name
+                and r.kind == "score" and r.last is not None]
+        if not mine:
+            continue
+        n = len(mine)
+        ses = [r.last_se for r in mine]
+        complete = {r.task for r in mine} == set(dom.tasks)
+        out.append(DomainRow(
+            domain=dom, tasks=tuple(r.task for r in mine), last=sum(r.last[0] for r in mine) / n,
+            last_se=None if None in ses else math.sqrt(sum(s * s for s in ses)) / n,
+            best=sum(r.best[0] for r in mine) / n,
+            paper=dom.average[paper.DTQL] if complete else sum(r.paper for r in mine) / n))
+    return out
+
+
+# -- formatting ------------------------------------------------------------------------------------------
 
 def _ms(x: tuple[float, float | None] | None) -> str:
     if x is None:
@@ -137,42 +336,132 @@ def _num(x: float | None, signed: bool = False) -> str:
     return "–" if x is None else (f"{x:+.1f}" if signed else f"{x:.1f}")
 
 
+def _pm(x: float | None) -> str:
+    return "–" if x is None else f"± {x:.2f}"
+
+
+def _yes(x: bool | None) -> str:
+    return "–" if x is None else ("yes" if x else "no")
+
+
+def _hours(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.2f}"
+
+
+def _speedup(t: TaskTime) -> str:
+    s = t.speedup
+    return "–" if s is None else f"{s:.2f}× ({t.hardware} vs {paper.PAPER_GPU})"
+
+
+def time_basis(t: TaskTime) -> str:
+    """How a task's hours were got: measured, or a projection (labelled so), and what is unknown."""
+    if not t.runs:
+        return f"unknown: {t.untimed} run(s) without a time in summary.json"
+    parts = []
+    if t.projected:
+        shorter = [r for r in t.runs if r.projected]
+        lo, hi = min(r.steps for r in shorter), max(r.steps for r in shorter)
+        ran = f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+        parts.append(f"projection from the training rate: {t.projected} of {len(t.runs)} run(s) ran {ran} of "
+                     f"{shorter[0].full_steps:,} steps in their timed process")
+        if not all(r.evals_measured for r in shorter):
+            parts.append("evaluations not measured, left out")
+    else:
+        parts.append("measured")
+    if t.untimed:
+        parts.append(f"{t.untimed} run(s) unknown (no time in summary.json)")
+    return "; ".join(parts)
+
+
+def _domain_paper(d: DomainRow) -> str:
+    if d.complete:
+        return f"{d.paper:.1f}"
+    return (f"{d.paper:.1f} (its rows for these {len(d.tasks)} of its {len(d.domain.tasks)} tasks; printed "
+            f"average of all {len(d.domain.tasks)}: {d.domain.average[paper.DTQL]:.1f})")
+
+
 def to_markdown(rows: list[TaskRow], seed_runs: list[SeedRun], root: Path) -> str:
     lines = [f"# DTQL sweep report: {root}", "",
-             "Normalised score (D4RL: 0 random, 100 expert), mean ± std over seeds (sample std). *last*: each "
-             "seed's latest evaluation; *best*: each seed's highest evaluation. *paper*: DTQL's Table 1 "
-             "(Chen, Wang & Zhou, NeurIPS 2024; sources in `dtql_fast/paper.py`).", "",
-             "| task | seeds | last | best | paper | last − paper | best − paper |",
-             "|---|---|---|---|---|---|---|"]
+             "Normalised score (D4RL: 0 random, 100 expert) over seeds. *last*: each seed's latest evaluation, "
+             "mean ± sample std; *SE*: its standard error (std / √seeds). *best-of-run*: each seed's highest "
+             "evaluation, mean ± std: picked after the fact, it overstates what a run delivers. *paper*: DTQL's "
+             f"mean and ± its spread over the paper's seeds ({paper.PAPER}; numbers in `dtql_fast/paper.py`); "
+             "*within*: our last mean inside the paper's mean ± spread; *(last − paper) / SE*: the difference in "
+             "our standard errors; *strongest baseline*: the best other method of the paper's row.", "",
+             "## Scores", "",
+             "| task | seeds | last | best-of-run | paper | last − paper | best − paper | SE | paper spread | within "
+             "| (last − paper) / SE | strongest baseline | source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r.task + (f" {MARK_UNFINISHED}" if r.unfinished else "") + (" (return)" if r.kind == "return" else "")
         seeds = (f"{r.seeds}" + (f" ({r.unfinished} not finished)" if r.unfinished else "")
                  + (f" ({r.failed} failed)" if r.failed else ""))
+        p = r.paper_row
+        baseline = "–" if p is None else "{} {:.1f}".format(*p.strongest_baseline())
+        source = r.data_note or p.table
         lines.append(f"| {name} | {seeds} | {_ms(r.last)} | {_ms(r.best)} | {_num(r.paper)} | "
-                     f"{_num(r.last_diff, True)} | {_num(r.best_diff, True)} |")
+                     f"{_num(r.last_diff, True)} | {_num(r.best_diff, True)} | {_pm(r.last_se)} | "
+                     f"{_pm(p.dtql.spread if p else None)} | {_yes(r.within_spread)} | {_num(r.diff_in_se, True)} | "
+                     f"{baseline} | {source} |")
     notes = []
     if any(r.unfinished for r in rows):
         notes.append(f"{MARK_UNFINISHED} includes runs not finished (still going, or stopped): their latest evaluation "
                      "counts as *last*.")
     if any(r.kind == "return" for r in rows):
         notes.append("(return): the task has no reference scores, so raw returns are shown.")
-    if any(r.paper is None for r in rows):
-        notes.append("paper –: no Table 1 number for the task (not in the table, or not found; see "
-                     "dtql_fast/paper.py).")
+    if any(r.task.startswith("antmaze-") and r.task.endswith("-v2") and r.paper_row for r in rows):
+        notes.append("AntMaze -v2 tasks are compared with Table 6 (DTQL with the -v0 settings, 500 epochs; its "
+                     "strongest baseline is SRPO, the only other column).")
     if notes:
         lines += [""] + notes
-    lines += ["", "## Runs", "", "| task | seed | state | step | evaluations | last | best | note |",
-              "|---|---|---|---|---|---|---|---|"]
+
+    domains = domain_averages(rows)
+    if domains:
+        lines += ["", "## Domain averages", "",
+                  "The mean over a domain's tasks of the per-task means, as the paper forms its averages; only "
+                  "tasks on the paper's data. With some of a domain's tasks missing, the paper's side is the mean "
+                  "of its rows for the same tasks.", "",
+                  "| domain | source | tasks | last | SE | best-of-run | paper | last − paper |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d in domains:
+            lines.append(f"| {d.domain.name} | {d.domain.table} | {len(d.tasks)} of {len(d.domain.tasks)} | "
+                         f"{d.last:.1f} | {_pm(d.last_se)} | {d.best:.1f} | {_domain_paper(d)} | "
+                         f"{d.last_diff:+.1f} |")
+
+    timed = [r for r in rows if r.time is not None and (r.time.runs or r.time.untimed)]
+    if timed:
+        lines += ["", "## Time per task", "",
+                  f"Hours for the paper's full schedule (50 pretraining epochs + the task's epochs, 1000 steps each, "
+                  f"with its evaluations): ours from summary.json's \"time\" (measured when one process ran all "
+                  f"of it; else a projection from the measured training rate, labelled so), Table 7's on one "
+                  f"{paper.PAPER_GPU} per run and seed. *per seed*: a seed group trains its seeds in one process, "
+                  f"so its hours are shared among them. Table 2 ({paper.TABLE2_TASK}, {paper.PAPER_GPU}): DTQL "
+                  f"trains at {paper.TABLE2[paper.DTQL].train_s_per_1k} s per 1k steps.", "",
+                  f"| task | runs timed | hours per run | hours per seed | Table 7 hours | speedup per seed (our "
+                  f"machine vs {paper.PAPER_GPU}) | s per 1k steps | basis |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            t = r.time
+            lines.append(f"| {r.task} | {len(t.runs)} of {len(t.runs) + t.untimed} | {_hours(t.hours_per_run)} | "
+                         f"{_hours(t.hours_per_seed)} | {_num(t.paper_hours)} | "
+                         f"{_speedup(t)} | {_num(t.s_per_1k)} | {time_basis(t)} |")
+
+    lines += ["", "## Runs", "", "| task | seed | state | step | evaluations | last | best | process hours | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(seed_runs, key=lambda r: (r.task, r.seed if r.seed is not None else -1)):
         step = f"{r.step if r.step is not None else 0:,}/{r.total:,}" if r.total else "–"
         note = (r.error or "").replace("|", "\\|")
+        hours = "unknown" if r.time is None else f"{r.time.process_s / 3600:.3f}"
         lines.append(f"| {r.task} | {r.seed} | {r.state} | {step} | {len(r.evals)} | {_num(r.last)} | "
-                     f"{_num(r.best)} | {note} |")
+                     f"{_num(r.best)} | {hours} | {note} |")
     return "\n".join(lines) + "\n"
 
 
 CSV_FIELDS = ["task", "metric", "seeds", "unfinished", "failed", "last_mean", "last_std", "best_mean", "best_std",
-              "paper", "last_minus_paper", "best_minus_paper"]
+              "paper", "last_minus_paper", "best_minus_paper", "last_se", "paper_spread", "within_paper_spread",
+              "diff_in_se", "strongest_baseline", "strongest_baseline_score", "paper_table", "data_note",
+              "hours_per_run", "hours_per_seed", "table7_hours", "speedup_per_seed", "hardware", "s_per_1k_steps",
+              "time_basis"]
 
 
 def to_csv(rows: list[TaskRow], path: Path):
@@ -183,13 +472,26 @@ def to_csv(rows: list[TaskRow], path: Path):
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
+            p, t = r.paper_row, r.time
+            method, score = p.strongest_baseline() if p else ("", None)
             w.writerow({"task": r.task, "metric": "normalised_score" if r.kind == "score" else "return",
                         "seeds": r.seeds, "unfinished": r.unfinished, "failed": r.failed,
                         "last_mean": r1(r.last and r.last[0]), "last_std": r1(r.last and r.last[1]),
                         "best_mean": r1(r.best and r.best[0]), "best_std": r1(r.best and r.best[1]),
                         "paper": r1(r.paper), "last_minus_paper": r1(r.last_diff),
-                        "best_minus_paper": r1(r.best_diff)})
+                        "best_minus_paper": r1(r.best_diff), "last_se": r1(r.last_se),
+                        "paper_spread": r1(p.dtql.spread if p else None),
+                        "within_paper_spread": "" if r.within_spread is None else r.within_spread,
+                        "diff_in_se": r1(r.diff_in_se), "strongest_baseline": method,
+                        "strongest_baseline_score": r1(score), "paper_table": p.table if p else "",
+                        "data_note": r.data_note or "",
+                        "hours_per_run": r1(t and t.hours_per_run), "hours_per_seed": r1(t and t.hours_per_seed),
+                        "table7_hours": r1(t and t.paper_hours), "speedup_per_seed": r1(t and t.speedup),
+                        "hardware": t.hardware if t and t.runs else "", "s_per_1k_steps": r1(t and t.s_per_1k),
+                        "time_basis": time_basis(t) if t and (t.runs or t.untimed) else ""})
 
+
+# -- figures ---------------------------------------------------------------------------------------------
 
 def curve(seed_runs: list[SeedRun]) -> list[tuple[int, float, float, int]]:
     """(step, mean, std, n) over the seeds that have an evaluation at each step."""
@@ -204,11 +506,16 @@ def curve(seed_runs: list[SeedRun]) -> list[tuple[int, float, float, int]]:
     return out
 
 
-def plot_task(task: str, seed_runs: list[SeedRun], path: Path):
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_task(task: str, seed_runs: list[SeedRun], path: Path, ref: float | None = None):
+    """Learning curves; ref: the paper's number, dashed (None: no comparison)."""
+    plt = _pyplot()
     pts = curve(seed_runs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in seed_runs:
@@ -219,7 +526,6 @@ def plot_task(task: str, seed_runs: list[SeedRun], path: Path):
         ax.plot(steps, means, color="tab:blue", lw=2, label=f"mean over {len(seed_runs)} seeds")
         ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color="tab:blue", alpha=0.2, label="± std")
-    ref = paper.paper_score(task)
     if ref is not None:
         ax.axhline(ref, color="tab:red", ls="--", label=f"paper {ref:.1f}")
     kind = "normalised score" if all(r.kind == "score" for r in seed_runs) else "return"
@@ -233,8 +539,41 @@ def plot_task(task: str, seed_runs: list[SeedRun], path: Path):
     plt.close(fig)
 
 
+def plot_paper(rows: list[TaskRow], path: Path) -> bool:
+    """Ours (last evaluation, ± SE over seeds) beside the paper's DTQL (± its spread), one pair of bars per
+    scored task; tasks without a paper number show ours alone. False when no task has a score."""
+    scored = [r for r in rows if r.kind == "score" and r.last is not None]
+    if not scored:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 2.0 + 0.45 * len(scored)), layout="constrained")
+    y = list(range(len(scored)))
+    h = 0.4
+    ax.barh([i - h / 2 for i in y], [r.last[0] for r in scored], h, xerr=[r.last_se or 0.0 for r in scored],
+            color="tab:blue", capsize=3, label="ours, last evaluation (± SE over seeds)")
+    ref = [(i, r.paper_row.dtql) for i, r in zip(y, scored) if r.paper_row is not None]
+    if ref:
+        ax.barh([i + h / 2 for i, _ in ref], [s.mean for _, s in ref], h, xerr=[s.spread or 0.0 for _, s in ref],
+                color="tab:red", capsize=3, label="paper DTQL (± its spread; Table 1 / Table 6)")
+    ax.set_yticks(y)
+    ax.set_yticklabels([r.task + ("" if r.paper_row else " (not compared)") for r in scored], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("normalised score")
+    ax.set_title("ours against the DTQL paper", fontsize=10)
+    # Outside the axes: inside, it would cover the bars of whichever task scores highest.
+    fig.legend(loc="outside lower center", fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _curves_name(r: TaskRow) -> str:
+    other = r.data_note is not None and paper.row(r.task) is not None   # a paper task on other data
+    return f"curves_{r.task.replace('/', '_')}{'_other-data' if other else ''}.png"
+
+
 def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow]]:
-    """Write report.md, report.csv and one figure per task; return the Markdown and the rows."""
+    """Write report.md, report.csv, paper_vs_ours.png and one figure per task; return the Markdown and rows."""
     root = Path(root)
     seed_runs = discover(root)
     if not seed_runs:
@@ -246,10 +585,11 @@ def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow]]:
     md = to_markdown(rows, seed_runs, root)
     (out / "report.md").write_text(md)
     to_csv(rows, out / "report.csv")
-    for task in sorted({r.task for r in seed_runs}):
-        mine = [r for r in seed_runs if r.task == task and r.state != "failed"]
-        if any(r.evals for r in mine):
-            plot_task(task, mine, out / f"curves_{task.replace('/', '_')}.png")
+    plot_paper(rows, out / "paper_vs_ours.png")
+    for r in rows:
+        mine = [s for s in seed_runs if s.task == r.task and s.data_note == r.data_note and s.state != "failed"]
+        if any(s.evals for s in mine):
+            plot_task(r.task, mine, out / _curves_name(r), r.paper)
     return md, rows
 
 
@@ -264,7 +604,8 @@ def main(argv=None):
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     sys.stdout.write(md)
-    print(f"\nwritten: {Path(a.out) if a.out else Path(a.folder) / 'report'}/report.md, report.csv, curves_*.png")
+    print(f"\nwritten: {Path(a.out) if a.out else Path(a.folder) / 'report'}/report.md, report.csv, "
+          "paper_vs_ours.png, curves_*.png")
 
 
 if __name__ == "__main__":

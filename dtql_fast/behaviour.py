@@ -4,17 +4,19 @@ The offline Reacher demo saturates (its scripted controller is the 100 of its ow
 cannot tell a trainer that learns like the release from one that does not. This module makes a
 D4RL-style "medium" dataset instead:
 
-    python -m dtql_fast.behaviour train --env Hopper-v4 --steps 120000 --out POLICY.pt   # once, ~1 h on a core
-    python -m dtql_fast.behaviour rollout --out data/hopper-sac-medium.hdf5              # ~1-2 min
+    python -m dtql_fast.behaviour train --env Hopper-v4 --steps 150000 --out POLICY.pt   # once: 24 min to 110k steps
+    python -m dtql_fast.behaviour rollout --out data/hopper-sac-medium.hdf5              # 27 s for 200k rows
 
 `train` runs SAC (CleanRL's recipe: twin Q, tanh-Gaussian actor, learned entropy weight) and keeps
 the actor whose evaluated return lies closest to a "medium" level (D4RL's hopper-medium behaviour
-scores about 44 normalised). The committed policy `assets/hopper-medium-sac.pt` is such an actor;
+scores about 44 normalised). The committed `assets/hopper-medium-sac.pt` is SAC step 110,000 of a
+run stopped at 115,000 (its 10-episode evaluation: 39.1; profiling/results/learning/sac-train.log).
 `rollout` runs it (sampled actions, as D4RL's medium data) into an HDF5 file in D4RL's format
 (observations, actions, rewards, terminals, timeouts), so `train --task hopper-medium-v2 --dataset
 FILE` reads it with D4RL's qlearning_dataset rule and evaluates on Hopper-v4 with D4RL's
 normalisation. The file is the same bytes for the same seed on one machine (1 thread, seeded envs
-and draws); the behaviour's own normalised score goes into the file's attributes and a JSON beside it.
+and draws); the behaviour's own normalised score (24.7 over the 788 episodes of the default 200k
+rows, seed 0) goes into the file's attributes and a JSON beside it.
 """
 from __future__ import annotations
 

@@ -192,6 +192,13 @@ def read_variant(folder: Path) -> dict[int, list[dict]]:
     return per_seed
 
 
+def _finished(folder: Path) -> bool:
+    """Every run of a variant's folder wrote its summary.json (a group: one; per seed: each)."""
+    if (folder / "metrics.jsonl").exists():
+        return (folder / "summary.json").exists()
+    return all((sub / "summary.json").exists() for sub in folder.glob("seed*") if (sub / "metrics.jsonl").exists())
+
+
 def _stats(xs: list[float]) -> dict:
     n = len(xs)
     mean = statistics.fmean(xs)
@@ -241,6 +248,9 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     variants = {v: read_variant(root / v) for v in VARIANTS if (root / v).is_dir()}
     variants = {v: d for v, d in variants.items() if d}
     table = {v: summarise(d) for v, d in variants.items()}
+    for v, t in table.items():
+        if t:
+            t["finished"] = _finished(root / v)
     if "release" in table and table["release"]:
         for v, t in table.items():
             if v != "release" and t:
@@ -273,8 +283,11 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
         f, b = t["final"], t["best"]
         vs = t.get("vs_release_final")
         vs_txt = f"{vs['diff']:+.1f} ± {vs['se']:.1f}, {'yes' if vs['within_2se'] else 'NO'}" if vs else "-"
-        lines.append(f"| {v} | {f['n']} | {f['mean']:.1f} ± {f['std']:.1f} (± {f['se']:.1f}) | "
+        mark = "" if t["finished"] else " †"
+        lines.append(f"| {v}{mark} | {f['n']} | {f['mean']:.1f} ± {f['std']:.1f} (± {f['se']:.1f}) | "
                      f"{b['mean']:.1f} ± {b['std']:.1f} (± {b['se']:.1f}) | {vs_txt} |")
+    if not all(t.get("finished", True) for t in table.values()):
+        lines += ["", "† not finished: its latest evaluation counts as final."]
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table},

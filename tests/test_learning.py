@@ -46,14 +46,18 @@ def test_report_reads_per_seed_and_group_folders(tmp_path):
         _write(root / "release" / f"seed{s}", _seed_rows(scores))
     _write(root / "group-compiled", [r for s, sc in enumerate([[12, 38], [25, 52], [28, 44]])
                                      for r in _seed_rows(sc, seed=s)])
+    for s in range(2):  # seed 2 of the release still running
+        (root / "release" / f"seed{s}" / "summary.json").write_text("{}")
+    (root / "group-compiled" / "summary.json").write_text("{}")
     table = learning.report(root, tmp_path / "out", behaviour_score=24.7)
+    assert table["group-compiled"]["finished"] and not table["release"]["finished"]
     assert table["release"]["final"]["values"] == [40, 50, 45]
     assert table["release"]["best"]["mean"] == pytest.approx(45.0)
     assert table["group-compiled"]["final"]["values"] == [38, 52, 44]
     assert table["group-compiled"]["vs_release_final"]["within_2se"]
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "out" / "table.md").read_text()
-    assert "| group-compiled | 3 |" in text and "Behaviour data: 24.7" in text
+    assert "| group-compiled | 3 |" in text and "| release † | 3 |" in text and "Behaviour data: 24.7" in text
     steps, mean, se = learning.curves(learning.read_variant(root / "release"), "eval", "score_mean")
     assert list(steps) == [1000, 2000] and mean[1] == pytest.approx(45.0)
 

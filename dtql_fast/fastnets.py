@@ -54,8 +54,8 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 def mish(x: torch.Tensor) -> torch.Tensor:
     """Traced: one exp and its derivative written out (_MishFn), which inductor fuses into the
     neighbouring kernels. Eager: the same formula with its passes cut to the fewest (_EagerMishFn)."""
-    if torch.compiler.is_compiling():
-        return _MishFn.apply(x)
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return _MishFn.apply(x)  # traced, or under torch.func (which needs setup_context-style Functions)
     return _EagerMishFn.apply(x)
 
 

@@ -102,7 +102,8 @@ _RANGES = {
 
 def check_config(cfg: TrainConfig):
     """Every flag that can be checked without data, checked at once: ranges, the device, the profile
-    window, the seeds. Raises ConfigError naming the flag and what it takes."""
+    window, the seeds. Raises ConfigError naming the flag and what it takes (SeedListError for the seeds)."""
+    check_seed_flags(cfg)
     problems = []
     for name, (ok, need) in _RANGES.items():
         v = getattr(cfg, name)
@@ -123,10 +124,6 @@ def check_config(cfg: TrainConfig):
             problems.append(f"--device {cfg.device}: torch sees no CUDA device; use --device cpu")
         elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             problems.append(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices")
-    try:
-        check_seed_flags(cfg)
-    except SeedListError as e:
-        problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -33,13 +33,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tasks import TASKS
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_POLICY = ASSETS / "hopper-medium-sac.pt"
-# The gymnasium env each D4RL locomotion task evaluates on (tasks.py) and its D4RL scale.
-from .tasks import TASKS  # noqa: E402
 
 
 def _d4rl_task_for(env_id: str):
+    """The D4RL locomotion task that evaluates on env_id (tasks.py), for its normalisation."""
     for name in ("hopper-medium-v2", "walker2d-medium-v2", "halfcheetah-medium-v2"):
         if TASKS[name].env_id == env_id:
             return TASKS[name]

@@ -117,50 +117,46 @@ class FlattenObservation(gym.ObservationWrapper):
         return flatten_obs(observation, self.keys, self._inner_space)
 
 
-class _CheckObsDim(gym.ObservationWrapper):
-    """Fail early and clearly when the evaluation env does not match the data's state size."""
+class _CheckWidths(gym.ObservationWrapper):
+    """Fail early and clearly when the evaluation env does not match the data's state or action size."""
 
-    def __init__(self, env: gym.Env, state_dim: int, what: str):
+    def __init__(self, env: gym.Env, state_dim: int, action_dim: int, what: str):
         super().__init__(env)
         shape = env.observation_space.shape
         if shape is not None and int(np.prod(shape)) != state_dim:
             raise DatasetError(f"evaluation env {what} gives observations of size {int(np.prod(shape))}, "
                                f"but the dataset's states have size {state_dim}; they must match.")
+        shape = env.action_space.shape
+        if shape is not None and int(np.prod(shape)) != action_dim:
+            raise DatasetError(f"the dataset's actions have {action_dim} dimensions, but its evaluation env "
+                               f"{what} takes {int(np.prod(shape))}; they must match (pick the --task the data "
+                               "was collected on).")
 
     def observation(self, observation):
         return observation
 
 
-def _wrap_eval_env(env: gym.Env, keys: Sequence[str], state_dim: int, what: str) -> gym.Env:
+def _wrap_eval_env(env: gym.Env, keys: Sequence[str], state_dim: int, action_dim: int, what: str) -> gym.Env:
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = FlattenObservation(env, keys)
-    return _CheckObsDim(env, state_dim, what)
+    return _CheckWidths(env, state_dim, action_dim, what)
 
 
 def check_env_widths(loaded: "LoadedData", need_env: bool = True):
-    """The dataset's state and action widths against its evaluation env, right after loading: a
-    mismatch would otherwise train to the end and fail at the first evaluation (or never, without
-    one). `need_env` False (no evaluation asked for): an env that cannot be built is not an error."""
+    """The dataset's state and action widths against its evaluation env (_CheckWidths), right after
+    loading: a mismatch would otherwise train to the end and fail at the first evaluation (or never,
+    without one). `need_env` False (no evaluation asked for): an env that cannot be built is not an error."""
     if loaded.env_problem:
         return
     try:
-        env = loaded.make_env()  # _CheckObsDim refuses another observation width
+        env = loaded.make_env()
     except DatasetError:
         raise
     except Exception:
         if need_env:
             raise
         return
-    try:
-        shape = env.action_space.shape
-        A = loaded.transitions.action_dim
-        if shape is not None and int(np.prod(shape)) != A:
-            env_id = getattr(env.spec, "id", None) or loaded.task.env_id
-            raise DatasetError(f"{loaded.source}: the dataset's actions have {A} dimensions, but its evaluation "
-                               f"env {env_id} takes {int(np.prod(shape))}; this dataset is not one of "
-                               f"{loaded.task.name}'s (pick the --task the data was collected on).")
-    finally:
-        env.close()
+    env.close()
 
 
 def _robotics_problem(env_id: str | None) -> str | None:
@@ -307,11 +303,11 @@ def load_d4rl(task: Task, dataset_path=None, device="cpu", *, download: bool = T
                                           max_action=task.hyper.max_action, device=device, file_rows=arrays["rows"])
     ends = np.asarray(raw["terminals"]).reshape(-1).astype(bool) | np.asarray(raw["timeouts"]).reshape(-1).astype(bool)
     rets = _episode_returns(np.asarray(raw["rewards"]).reshape(-1), ends)
-    state_dim = transitions.state_dim
+    state_dim, action_dim = transitions.state_dim, transitions.action_dim
     keys = task.obs_keys
 
     def make_env() -> gym.Env:
-        return _wrap_eval_env(_gym_make(task.env_id), keys, state_dim, task.env_id)
+        return _wrap_eval_env(_gym_make(task.env_id), keys, state_dim, action_dim, task.env_id)
 
     note = f"D4RL file {path}"
     if task.reward_shift:
@@ -432,7 +428,7 @@ def load_minari(dataset_id: str, device="cpu", *, download: bool = True) -> Load
     transitions = Transitions.from_arrays(arrays["obs"], arrays["actions"], arrays["rewards"] + reward_shift,
                                           arrays["next_obs"], arrays["dones"], source=src,
                                           max_action=max_action, device=device)
-    state_dim = transitions.state_dim
+    state_dim, action_dim = transitions.state_dim, transitions.action_dim
     env_id = getattr(ds.env_spec, "id", None)
 
     def make_env() -> gym.Env:
@@ -446,7 +442,7 @@ def load_minari(dataset_id: str, device="cpu", *, download: bool = True) -> Load
                 if problem:
                     raise RoboticsMissingError(problem) from None
                 raise
-        return _wrap_eval_env(env, obs_keys, state_dim, env_id or dataset_id)
+        return _wrap_eval_env(env, obs_keys, state_dim, action_dim, env_id or dataset_id)
 
     return LoadedData(transitions, task, make_env, float(np.mean(rets)), note="; ".join(notes), source=src,
                       episodes=len(rets), env_problem=_robotics_problem(env_id))

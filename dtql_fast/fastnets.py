@@ -51,12 +51,16 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, width(n) - n)) + one_hot.to(x.dtype)
 
 
+def _written_out() -> bool:
+    """Whether the activations take their written-out, setup_context-style forms: when traced (inductor
+    fuses them into one kernel each way) or under torch.func (which needs that style). Otherwise,
+    eager, they take the forms with the fewest passes (_EagerMishFn, ATen's LayerNorm)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def mish(x: torch.Tensor) -> torch.Tensor:
-    """Traced: one exp and its derivative written out (_MishFn), which inductor fuses into the
-    neighbouring kernels. Eager: the same formula with its passes cut to the fewest (_EagerMishFn)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return _MishFn.apply(x)  # traced, or under torch.func (which needs setup_context-style Functions)
-    return _EagerMishFn.apply(x)
+    """One exp and its derivative written out (_MishFn), or eagerly the same formula in fewer passes."""
+    return _MishFn.apply(x) if _written_out() else _EagerMishFn.apply(x)
 
 
 class _EagerMishFn(torch.autograd.Function):
@@ -198,13 +202,13 @@ def q_pair(p: dict, sa: torch.Tensor, hidden: int, ones: torch.Tensor | None = N
     """
     W = p["q0"]  # (..., width(S+A), 2, width(H)): both networks' first layer as one matmul
     h = (augment(sa) @ W.flatten(-2)).unflatten(-1, W.shape[-2:]).transpose(-3, -2)
-    eager = not torch.compiler.is_compiling()
+    written_out = _written_out()
     for i in range(3):
         g, b = p[f"q{i}_ln_w"], p[f"q{i}_ln_b"]
-        if eager:
-            h = _layer_norm_mish_eager(h, g, b, hidden)
-        else:
+        if written_out:
             h = _LayerNormMish.apply(h, g, b, ones, hidden)
+        else:
+            h = _layer_norm_mish_eager(h, g, b, hidden)
         h = h @ p[f"q{i + 1}"]
     return h
 

@@ -79,6 +79,11 @@ RUNTIME_FIELDS = ("device", "threads", "compile", "kernels", "profile_steps", "l
 RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("epochs", "eval_every", "eval_episodes", "no_eval")
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + field.replace("_", "-")
+
+
 class ConfigError(ValueError):
     """A flag that cannot train, refused before anything is read or written."""
 
@@ -108,7 +113,7 @@ def check_config(cfg: TrainConfig):
     for name, (ok, need) in _RANGES.items():
         v = getattr(cfg, name)
         if v is not None and not ok(v):
-            problems.append(f"--{name.replace('_', '-')} {v}: takes {need}")
+            problems.append(f"{flag(name)} {v}: takes {need}")
     try:
         parse_window(cfg.profile_steps)
     except ValueError as e:
@@ -159,7 +164,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
                     "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")
     a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run. "
-                       "It may change only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
+                       "It may change only " + ", ".join(map(flag, RESUME_MAY_CHANGE)))
     a("--overwrite", action="store_true",
       help="if --out holds a run, move it aside to <out>.old-<time> first (nothing is deleted); without it, "
            "a new run into a folder holding one is refused")
@@ -413,8 +418,9 @@ def keep_existing_run(out: Path, overwrite: bool):
 def resumed_config(cli: TrainConfig, saved: TrainConfig, saved_hyper: dict, out: Path,
                    where: str) -> tuple[TrainConfig, dict]:
     """The resumed run's config: the checkpoint's, with the flags a resume may change taken from the
-    command where it gives them (RESUME_MAY_CHANGE; a flag left at its default keeps the run's). A flag that would change the run itself is refused, not dropped
-    (compared with the value the run trains with: its flag, else its task's table entry).
+    command where it gives them (RESUME_MAY_CHANGE; a flag left at its default keeps the run's). A
+    flag that would change the run itself is refused, not dropped (compared with the value the run
+    trains with: its flag, else its task's table entry).
     Returns (config, {flag: (before, now)} for what changed)."""
     fixed = [f.name for f in dataclasses.fields(TrainConfig)
              if f.name not in RESUME_MAY_CHANGE + ("task", "seed", "seeds", "out", "resume", "overwrite")]
@@ -430,11 +436,11 @@ def resumed_config(cli: TrainConfig, saved: TrainConfig, saved_hyper: dict, out:
     refused = [(k, has(k), getattr(cli, k)) for k in fixed
                if getattr(cli, k) is not None and not same(k, has(k), getattr(cli, k))]
     if refused:
-        what = "; ".join(f"--{k.replace('_', '-')} (the run has {old}, this command gives {new})" for k, old, new in refused)
+        what = "; ".join(f"{flag(k)} (the run has {old}, this command gives {new})" for k, old, new in refused)
         raise checkpoint.CheckpointError(
             f"{where}: a resume continues the run as it was set up and cannot change {what}. Resume without "
             f"them, or start a new run with another --out. A resume may change only "
-            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
+            + ", ".join(map(flag, RESUME_MAY_CHANGE)))
     default = TrainConfig()
     take = {k: getattr(cli, k) for k in RESUME_MAY_CHANGE if getattr(cli, k) != getattr(default, k)}
     cfg = dataclasses.replace(saved, resume=cli.resume, out=str(out), **take)
@@ -458,7 +464,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         # The run's identity comes from the checkpoint; where, how fast and how long it runs from the CLI.
         cfg, changed = resumed_config(cfg, saved, resumed.get("hyper", {}), out, where=f"checkpoint {latest.path}")
         if changed:
-            print("resume changes: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items()))
+            print("resume changes: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
     elif cfg.seeds is None and cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=0)
     group = cfg.seeds  # None: one agent
@@ -573,7 +579,9 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
             pretrain = step < pre_total
             profile.before(step)
             run = runner(pretrain)
-            hits, t_step = compiling.cache_hits(), time.perf_counter()
+            first_compiled = bool(choice.compile) and pretrain not in compile_reported
+            hits = compiling.cache_hits() if first_compiled else 0
+            t_step = time.perf_counter()
             run()
             t_step = time.perf_counter() - t_step
             if run.compile_seconds and pretrain not in compile_reported:
@@ -587,7 +595,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
             if choice.compile is None and step - start >= compiling.SKIP_STEPS:
                 timed, t_timed = timed + 1, t_timed + t_step
                 if timed == compiling.MEASURE_STEPS:
-                    phases = [p for p in (True, False) if (p and step + 1 < pre_total) or (not p)]
+                    phases = [True, False] if step + 1 < pre_total else [False]  # graphs still to compile
                     choice = compiling.decide(t_timed / timed, total - step - 1, len(phases),
                                               all(compiling.compiled_before(cache, signature(p)) for p in phases))
                     tqdm.write(f"step: {'compiled' if choice.compile else 'eager'} for the rest of the run: {choice.why}")
@@ -707,6 +715,11 @@ def progress_postfix(metrics: dict | list[dict], sps: float) -> dict:
     return {k.replace("loss_", ""): f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")} | {"it/s": f"{sps:.0f}"}
 
 
+def env_seed(seed: int) -> int:
+    """The first evaluation env's seed of agent seed `seed` (its episode j plays env_seed + j)."""
+    return seed * 10_000 + 1000
+
+
 def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
                     episodes: int, padded: bool = False) -> list[dict]:
     """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
@@ -717,9 +730,6 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
 
     def draws(seed: int) -> torch.Generator:
         return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-
-    def env_seed(seed: int) -> int:
-        return seed * 10_000 + 1000
 
     if cfg.seeds is None:
         act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if padded else None)

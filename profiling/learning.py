@@ -40,14 +40,10 @@ import numpy as np
 import torch
 
 from dtql_fast.seeds import format_seeds, parse_seeds
+from dtql_fast.train import env_seed  # every variant plays the envs train's evaluation plays
 
 VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
 LOSSES = (("loss_bc", "behaviour cloning"), ("loss_tr", "trust region"), ("loss_pq", "policy: -Q"))
-
-
-def env_seed(seed: int) -> int:
-    """The envs seed s evaluates on (dtql_fast.train.evaluate_agents's rule)."""
-    return seed * 10_000 + 1000
 
 
 # -- the release, driven as its main.py drives it ------------------------------------------------

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from .runfolder import cannot_write, write_fault
+
 FORMAT = 1
 FILENAME = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -55,8 +57,11 @@ def save(path: str | os.PathLike, payload: dict) -> Path:
             os.replace(path, previous_of(path))
         _stall_for_test(path.parent, "rotated")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        fault = write_fault(e)
+        if fault is not None:  # a full disk reads as torch's "unexpected pos"; say what it is
+            raise cannot_write(path, fault) from e
         raise
     _fsync_dir(path.parent)  # the renames themselves survive a power cut
     return path

@@ -126,6 +126,7 @@ class SeedRun:
     error: str | None = None
     data_note: str | None = None                # see data_note
     time: RunTime | None = None                 # a seed group's seeds share their process's
+    problems: list[str] = field(default_factory=list)   # runs.problems: what could not be read, how it ended
 
     @property
     def last(self) -> float | None:
@@ -253,6 +254,8 @@ def _read_run(d: Path) -> list[SeedRun]:
     train_rows, eval_rows = runs.metric_rows(d)
     total = runs.planned_steps_from_config(d)
     step = train_rows[-1]["step"] if train_rows else None
+    if state == "finished":  # how far it got is summary.json's word (its rows may be cut: runs.problems says so)
+        step = (runs.read_json(d / "summary.json") or {}).get("steps", step)
     error = status.get("error") if state == "failed" else None
     # A seed group's folder (train --seeds; the sweep writes "seeds" in status.json too, before config.json
     # exists) holds every seed's rows, each tagged with its seed; a single run's rows are all its one seed's.
@@ -263,11 +266,12 @@ def _read_run(d: Path) -> list[SeedRun]:
         per_seed = [(cfg.get("config", {}).get("seed", status.get("seed")), eval_rows)]
     note = data_note(task, cfg)
     timed = run_time(task, cfg, runs.read_json(d / "summary.json"), eval_rows, len(per_seed))
+    problems = runs.problems(d)
     out = []
     for s, rows in per_seed:
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
-        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed))
+        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed, problems))
     return out
 
 
@@ -450,11 +454,26 @@ def to_markdown(rows: list[TaskRow], seed_runs: list[SeedRun], root: Path) -> st
               "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(seed_runs, key=lambda r: (r.task, r.seed if r.seed is not None else -1)):
         step = f"{r.step if r.step is not None else 0:,}/{r.total:,}" if r.total else "–"
-        note = (r.error or "").replace("|", "\\|")
+        note = "; ".join(([r.error] if r.error else []) + r.problems).replace("|", "\\|")
         hours = "unknown" if r.time is None else f"{r.time.process_s / 3600:.3f}"
         lines.append(f"| {r.task} | {r.seed} | {r.state} | {step} | {len(r.evals)} | {_num(r.last)} | "
                      f"{_num(r.best)} | {hours} | {note} |")
+    warned = warnings(seed_runs)
+    if warned:
+        lines += ["", "## Warnings", "", "What the report could not read, or runs that stopped; their numbers "
+                  "above are as far as they could be read.", ""]
+        lines += [f"- `{d}`: {w}" for d, w in warned]
     return "\n".join(lines) + "\n"
+
+
+def warnings(seed_runs: list[SeedRun]) -> list[tuple[Path, str]]:
+    """(run folder, problem), once per folder (a seed group's seeds share theirs)."""
+    seen, out = set(), []
+    for r in seed_runs:
+        if r.run_dir not in seen:
+            seen.add(r.run_dir)
+            out += [(r.run_dir, w) for w in r.problems]
+    return out
 
 
 CSV_FIELDS = ["task", "metric", "seeds", "unfinished", "failed", "last_mean", "last_std", "best_mean", "best_std",
@@ -572,8 +591,9 @@ def _curves_name(r: TaskRow) -> str:
     return f"curves_{r.task.replace('/', '_')}{'_other-data' if other else ''}.png"
 
 
-def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow]]:
-    """Write report.md, report.csv, paper_vs_ours.png and one figure per task; return the Markdown and rows."""
+def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow], list[tuple[Path, str]]]:
+    """Write report.md, report.csv, paper_vs_ours.png and one figure per task; return the Markdown, the
+    rows and the warnings."""
     root = Path(root)
     seed_runs = discover(root)
     if not seed_runs:
@@ -590,7 +610,7 @@ def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow]]:
         mine = [s for s in seed_runs if s.task == r.task and s.data_note == r.data_note and s.state != "failed"]
         if any(s.evals for s in mine):
             plot_task(r.task, mine, out / _curves_name(r), r.paper)
-    return md, rows
+    return md, rows, warnings(seed_runs)
 
 
 def main(argv=None):
@@ -598,14 +618,21 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a sweep folder, or any folder holding run folders")
     p.add_argument("--out", help="where to write report.md, report.csv and the figures (default: FOLDER/report)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when a run folder could not be read whole, or a run stopped or diverged "
+                        "(the report is written all the same)")
     a = p.parse_args(argv)
     try:
-        md, _ = report(Path(a.folder), Path(a.out) if a.out else None)
+        md, _, warned = report(Path(a.folder), Path(a.out) if a.out else None)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     sys.stdout.write(md)
     print(f"\nwritten: {Path(a.out) if a.out else Path(a.folder) / 'report'}/report.md, report.csv, "
           "paper_vs_ours.png, curves_*.png")
+    for d, w in warned:
+        print(f"warning: {d}: {w}", file=sys.stderr)
+    if warned and a.strict:
+        raise SystemExit(f"error: --strict: {len({d for d, _ in warned})} run folder(s) with warnings (above)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ checkpoint a run resumes from ends."""
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +20,39 @@ RUN_FILES = ("config.json", "summary.json", "checkpoint.pt", "checkpoint.prev.pt
 
 class RunFolderBusy(RuntimeError):
     pass
+
+
+# The filesystem faults a run can meet while writing, each with what to do about it.
+_WRITE_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free space there or write to another --out"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or write to another --out"),
+    errno.EFBIG: ("file too large (a file-size limit: see ulimit -f)", "raise the limit or write to another --out"),
+    errno.EROFS: ("read-only file system", "write to another --out"),
+    errno.EACCES: ("permission denied", "make the folder writable or write to another --out"),
+    errno.EPERM: ("operation not permitted", "make the folder writable or write to another --out"),
+}
+
+
+class CannotWrite(RuntimeError):
+    """A write into the run folder failed for a reason outside the program (disk full, read-only, no
+    permission): one line naming the path, the cause and what to do."""
+
+
+def write_fault(e: BaseException) -> OSError | None:
+    """The filesystem fault behind `e`, looked for along its chain (torch.save wraps a full disk in a
+    RuntimeError whose cause is the OSError); None when `e` is not one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FAULTS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def cannot_write(path: str | os.PathLike, fault: OSError, kept: str = "") -> CannotWrite:
+    cause, todo = _WRITE_FAULTS[fault.errno]
+    return CannotWrite(f"cannot write {path}: {cause}; {todo}{'. ' + kept if kept else ''}")
 
 
 class RunLock:
@@ -102,6 +136,26 @@ def move_aside(folder: str | os.PathLike) -> Path:
     finally:
         lock.release()
     return aside
+
+
+def live_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds the run folder's lock, read without taking it (a reader must never make a starting run
+    find its folder busy): the holder named in run.lock when that process is alive on this host, or
+    runs on another host (which cannot be told from here); None when no run holds it."""
+    try:
+        words = (Path(folder) / LOCKNAME).read_text().split()
+    except OSError:
+        return None  # a holder that exits removes the file
+    if len(words) < 2 or not words[0].isdigit():
+        return None
+    if words[1] == socket.gethostname():
+        try:
+            os.kill(int(words[0]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return f"PID {words[0]} on host {words[1]}"
 
 
 def _same_file(fd: int, path: Path) -> bool:

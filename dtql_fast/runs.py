@@ -9,11 +9,13 @@ the planned total. A seed group's run (train --seeds) is one folder whose metric
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runfolder import live_holder
 from .tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER, TASKS, Hyper, get_task
 
 STATUS = "status.json"
@@ -161,3 +163,45 @@ def progress(run_dir: Path, planned: int | None) -> RunProgress:
     if finished:
         p.step = (read_json(run_dir / "summary.json") or {}).get("steps", p.step)
     return p
+
+
+def problems(run_dir: Path) -> list[str]:
+    """What a reader of this run folder could not read, or should know about how it ended: a missing
+    or unreadable config.json or summary.json, metric lines that do not parse, rows missing against
+    the steps summary.json reports, a run that stopped (no process holds it, and no sweep says why)
+    or diverged. Empty for a run that is finished, or running, and whole."""
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    for name in ("config.json", "summary.json"):
+        path = run_dir / name
+        if path.exists() and read_json(path) is None:
+            found.append(f"{name} cannot be read (not JSON: cut short or edited?)")
+    if not (run_dir / "config.json").exists() and metrics.exists():
+        found.append("config.json is missing: task, seed and schedule unknown (the task is taken from the folder name)")
+    try:
+        lines = metrics.read_text().split("\n")
+    except OSError:
+        lines = []
+    cut = lines.pop() if lines else ""  # text after the last newline: a line cut short by a kill
+    bad = 0
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            bad += 1
+    if bad:
+        found.append(f"metrics.jsonl has {bad} line(s) that are not JSON; they were skipped")
+    train_rows, _ = metric_rows(run_dir)
+    last = train_rows[-1].get("step") if train_rows else None
+    summary = read_json(run_dir / "summary.json")
+    if summary and isinstance(summary.get("steps"), int) and (last or 0) < summary["steps"]:
+        found.append(f"metrics.jsonl ends at step {last or 0} but summary.json says the run reached step "
+                     f"{summary['steps']}: rows are missing (the file was cut short or replaced)")
+    if train_rows and any(isinstance(v, float) and not math.isfinite(v) for v in train_rows[-1].values()):
+        found.append(f"diverged at step {last} (non-finite values in its last metric row)")
+    elif not (run_dir / "summary.json").exists() and (run_dir / "config.json").exists() and read_status(run_dir).get(
+            "state") in (None, "unfinished") and live_holder(run_dir) is None:
+        where = f"at step {last}" if last else "before its first metric row"
+        found.append(f"stopped {where} and not running{' (its last line cut short)' if cut else ''}; "
+                     f"resume with python -m dtql_fast.train --resume {run_dir}")
+    return found

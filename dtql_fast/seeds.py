@@ -1,6 +1,7 @@
 """Seed lists as the train and sweep CLIs take them: a range `0-4`, a list `0,3,7`, or both `0-2,7`."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 HOW = "write a range as low-high (0-4 is seeds 0,1,2,3,4) or a comma-separated list (0,2,5), or both (0-2,7)"
@@ -41,9 +42,10 @@ def check_seeds(seeds: Iterable[int], what: str = "seeds") -> tuple[int, ...]:
     bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
     if bad:
         raise SeedListError(f"{what}: seeds must be non-negative integers; got {bad}")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
     if repeated:
-        raise SeedListError(f"{what}: seed {repeated[0]} is listed more than once in {seeds}; "
+        shown = seeds if len(seeds) <= 20 else f"[{', '.join(map(str, seeds[:20]))}, ...] ({len(seeds)} seeds)"
+        raise SeedListError(f"{what}: seed {repeated[0]} is listed more than once in {shown}; "
                             "each seed trains one agent")
     return tuple(seeds)
 

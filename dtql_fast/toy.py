@@ -96,6 +96,13 @@ SWISS_RADIUS = 0.5
 DEFAULT_ALPHA = {"tr": 1.0, "kl": 5.0}  # see the module docstring
 
 
+_CLI_FIELDS = ("steps", "policy_samples", "fake_updates", "batch", "lr", "alpha", "log_every", "seed")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-") if field in _CLI_FIELDS else field
+
+
 @dataclass
 class ToyConfig:
     dataset: str = "25gaussians"  # 25gaussians | swissroll
@@ -118,20 +125,23 @@ class ToyConfig:
     compile: bool = False         # torch.compile the step's losses (1.7x on CPU; see train)
 
     def __post_init__(self):
+        # Named as the CLI's flags where there is one: the CLI reports these messages as they are.
         for value, allowed in ((self.dataset, DATASETS), (self.reward, REWARDS), (self.method, METHODS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
         for field in ("steps", "policy_samples", "fake_updates", "n_data", "n_eval", "hidden", "t_dim"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+                raise ValueError(f"{_flag(field)} must be at least 1, got {getattr(self, field)}")
         if self.batch < 0:
-            raise ValueError(f"batch must be >= 0 (0 = all rows), got {self.batch}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--batch must be >= 0 (0 = all rows), got {self.batch}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be >= 0 (0 = no history), got {self.log_every}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.alpha is None:
             self.alpha = DEFAULT_ALPHA[self.method]
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"--alpha must be a finite number >= 0, got {self.alpha}")
 
     @property
     def name(self) -> str:
@@ -490,28 +500,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    pick = lambda v, every: every if v == "all" else (v,)  # noqa: E731
+    try:  # every run's config checked before the first one trains
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        cfgs = [ToyConfig(dataset=dataset, reward=reward, method=method, steps=args.steps, batch=args.batch,
+                          policy_samples=args.policy_samples, alpha=args.alpha, lr=args.lr, seed=args.seed,
+                          compile=args.compile, log_every=args.log_every, fake_updates=args.fake_updates)
+                for dataset in pick(args.dataset, DATASETS) for reward in pick(args.reward, REWARDS)
+                for method in pick(args.method, METHODS)]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {args.out}: cannot write there ({e.strerror}); choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pick = lambda v, every: every if v == "all" else (v,)  # noqa: E731
     results = []
-    for dataset in pick(args.dataset, DATASETS):
-        for reward in pick(args.reward, REWARDS):
-            for method in pick(args.method, METHODS):
-                cfg = ToyConfig(dataset=dataset, reward=reward, method=method, steps=args.steps,
-                                batch=args.batch, policy_samples=args.policy_samples,
-                                alpha=args.alpha, lr=args.lr, seed=args.seed, compile=args.compile,
-                                log_every=args.log_every, fake_updates=args.fake_updates)
-                t0 = time.perf_counter()
-                res = train(cfg)
-                res["measures"]["wall_s"] = round(time.perf_counter() - t0, 1)
-                png = os.path.join(args.out, cfg.name + ".png")
-                save_panel(res, png)
-                m = res["measures"]
-                print(f"{cfg.name}: in-support {m['in_support_frac']:.3f}, policy reward "
-                      f"{m['policy_reward_mean']:.3f} (data mean {m['data_reward_mean']:.3f}, "
-                      f"max {m['data_reward_max']:.3f}), {m['wall_s']} s -> {png}")
-                results.append(res)
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        res = train(cfg)
+        res["measures"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        png = os.path.join(args.out, cfg.name + ".png")
+        save_panel(res, png)
+        m = res["measures"]
+        print(f"{cfg.name}: in-support {m['in_support_frac']:.3f}, policy reward "
+              f"{m['policy_reward_mean']:.3f} (data mean {m['data_reward_mean']:.3f}, "
+              f"max {m['data_reward_max']:.3f}), {m['wall_s']} s -> {png}")
+        results.append(res)
     if len(results) > 1:
         save_grid(results, os.path.join(args.out, "grid.png"))
     summary = {r["config"].name: {"config": asdict(r["config"]), **r["measures"]} for r in results}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, compiling, divergence, runfolder
+from . import checkpoint, compiling, divergence, footprint, runfolder
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
 from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from .profiling.ranges import ProfileWindow, parse_window, phase
@@ -487,6 +487,11 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     kernels = cfg.kernels if cfg.kernels != "auto" else ("triton" if device.type == "cuda" else "torch")
 
     # -- agent -------------------------------------------------------------------------------
+    if group is not None:  # one agent's weights tell what the group needs, before the group is built
+        one = FastDTQL(data.state_dim, data.action_dim, hyper, "cpu")
+        footprint.check_group_fits(len(group), footprint.weight_bytes_of(one.params()), hyper.batch_size,
+                                   hyper.hidden, device)
+        del one
     agent = FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels, seeds=group)
     shapes = {"state_dim": data.state_dim, "action_dim": data.action_dim, "hidden": hyper.hidden,
               "noise_levels": hyper.noise_levels}
@@ -537,10 +542,16 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         state = agent.state_dict()
         divergence.check_state(step, state)  # a diverged state never replaces a good checkpoint
         log.sync()  # the rows this checkpoint vouches for reach the disk before it does
-        ckpts.save(step, {
-            "task": cfg.task, "shapes": shapes, "config": dataclasses.asdict(cfg),
-            "hyper": dataclasses.asdict(hyper), "agent": state, "step": step,
-            "rng": _rng_state(device)})
+        try:
+            ckpts.save(step, {
+                "task": cfg.task, "shapes": shapes, "config": dataclasses.asdict(cfg),
+                "hyper": dataclasses.asdict(hyper), "agent": state, "step": step,
+                "rng": _rng_state(device)})
+        except runfolder.CannotWrite as e:
+            kept = (f"the checkpoint of step {ckpts.last_good[1]} is untouched: once fixed, resume with "
+                    f"python -m dtql_fast.train --resume {out}" if ckpts.last_good else
+                    "no checkpoint was written before it")
+            raise runfolder.CannotWrite(f"{e}; {kept}") from None
 
     def acting():
         return torch.compile(agent.act, fullgraph=True) if choice.compile else agent.act
@@ -641,6 +652,9 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         bar.close()
         log.close()
         e.kept = divergence.what_is_kept(ckpts.last_good)
+        raise
+    except Exception:  # the error message goes below the bar, not into its line
+        bar.close()
         raise
     finally:
         stop.uninstall()
@@ -818,8 +832,14 @@ def main(argv=None):
     try:
         train(cfg)
     except (UnknownTaskError, DatasetError, checkpoint.CheckpointError, divergence.Diverged,
-            runfolder.RunFolderBusy, SeedListError, ConfigError) as e:
+            runfolder.RunFolderBusy, runfolder.CannotWrite, footprint.GroupTooLarge, SeedListError,
+            ConfigError) as e:
         raise SystemExit(f"error: {e}")
+    except (OSError, RuntimeError) as e:  # a metric file, summary or plot meeting a full or read-only disk
+        fault = runfolder.write_fault(e)
+        if fault is None:
+            raise
+        raise SystemExit(f"error: {runfolder.cannot_write(fault.filename or run_folder(cfg), fault)}") from None
 
 
 if __name__ == "__main__":

@@ -223,3 +223,87 @@ def test_state_check_names_what_went_non_finite():
     watch = divergence.WeightWatch(agent.params())
     with pytest.raises(divergence.Diverged, match=r"loss_v = nan, the largest \|weight\| = nan"):
         divergence.check_log_row(3, {"loss_v": float("nan"), "loss_q": 1.0}, watch.queue())
+
+
+# -- the filesystem failing under a run: each fault one line naming the path, nothing written lost ----------
+
+
+def _can_mount() -> bool:
+    """A private mount namespace (unprivileged user namespaces, or root) to mount a small tmpfs in."""
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="no mount namespace here (unshare --user --mount refused)")
+
+
+def _in_namespace(env, tmp_path: Path, mount: str, train_args: list[str], keep: Path) -> tuple[int, str]:
+    """Mount `mount` (a shell command) in a private namespace, run train in it, copy the run folder
+    out to `keep` (the mount ends with the namespace) and return train's exit status and output."""
+    log, rc = tmp_path / "ns.log", tmp_path / "ns.rc"
+    train = " ".join([sys.executable, "-m", "dtql_fast.train", "--threads", "1", *train_args])
+    script = f"{mount} && {{ {train} > {log} 2>&1; echo $? > {rc}; cp -a {tmp_path / 'disk' / 'run'} {keep}; }}"
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                   cwd=tmp_path, env=env, check=True, timeout=300)
+    return int(rc.read_text()), log.read_text()
+
+
+@needs_mount
+def test_disk_full_at_a_checkpoint_is_one_line_and_the_one_before_resumes(env, straight, tmp_path):
+    """A tmpfs with room for one checkpoint and the metric files, not for a second checkpoint's temp
+    file: the run stops with the cause (not torch's "unexpected pos"), and the checkpoint it had
+    written resumes, on another disk, to the very weights of a run never interrupted."""
+    disk, keep = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    size_kb = (straight / checkpoint.FILENAME).stat().st_size * 3 // 2 // 1024
+    out = disk / "run"
+    rc, text = _in_namespace(env, tmp_path, f"mount -t tmpfs -o size={size_kb}k tmpfs {disk}",
+                             [*SHORT, *OFTEN, "--out", str(out)], keep)
+    assert rc == 1, text
+    step = checkpoint.load(keep)["step"]
+    assert step >= 1
+    assert text.strip().splitlines()[-1] == (
+        f"error: cannot write {out / checkpoint.FILENAME}: no space left on device; free space there or write "
+        f"to another --out; the checkpoint of step {step} is untouched: once fixed, resume with "
+        f"python -m dtql_fast.train --resume {out}")
+    assert "Traceback" not in text
+    assert not list(keep.glob(".ckpt-*.tmp"))  # the cut-short temp file removed
+    rc, text = _run(env, keep, "--resume", str(keep), *OFTEN)
+    assert rc == 0, text
+    _assert_same_weights(straight, keep)
+    _assert_same_rows(straight, keep)
+
+
+def test_file_size_limit_at_the_first_checkpoint_is_one_line(env, tmp_path):
+    """A real EFBIG, made without any mount: a 4 MiB file-size limit (ulimit -f) below a checkpoint's size."""
+    import resource
+
+    out = tmp_path / "run"
+    limit = 4 << 20
+    p = subprocess.run([sys.executable, "-m", "dtql_fast.train", "--threads", "1", *SHORT, "--out", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {out / checkpoint.FILENAME}: file too large (a file-size limit: see ulimit -f); "
+        "raise the limit or write to another --out; no checkpoint was written before it")
+    assert "Traceback" not in p.stderr
+    assert not list(out.glob(".ckpt-*.tmp")) and not (out / checkpoint.FILENAME).exists()
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 5  # what it wrote before is whole
+    assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+@needs_mount
+def test_read_only_run_folder_is_one_line_and_unchanged(env, straight, tmp_path):
+    disk, keep = tmp_path / "disk", tmp_path / "kept"
+    shutil.copytree(straight, disk / "run")
+    before = {p.name: p.read_bytes() for p in (disk / "run").iterdir()}
+    out = disk / "run"
+    rc, text = _in_namespace(env, tmp_path, f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}",
+                             ["--resume", str(out), "--epochs", "4"], keep)
+    assert rc == 1, text
+    assert text.strip().splitlines()[-1] == (f"error: --out {out}: cannot write there (Read-only file system); "
+                                             "choose another --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

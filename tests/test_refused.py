@@ -149,3 +149,56 @@ def test_out_where_nothing_can_be_written_is_one_line():
     """/sys refuses a new folder even to root (EPERM), as a read-only or foreign mount would."""
     msg = _refused([*TINY, "--out", "/sys/dtql-fast-run"])
     assert "--out /sys/dtql-fast-run: cannot write there (" in msg and "choose another --out" in msg
+
+
+def test_group_too_large_for_memory_refused_with_the_estimate(tmp_path):
+    """--seeds 0-100000 would allocate until the machine ran out: refused once the data's widths are
+    known, before the group is built, naming what fits; nothing written."""
+    msg = _refused([*TINY, "--seeds", "0-100000", "--out", str(tmp_path / "run")])
+    assert msg.startswith("error: --seeds: 100001 agents need about ") and " GiB free on cpu; train at most " in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_group_fits_is_the_largest_that_passes():
+    from dtql_fast import footprint
+
+    w, cpu = 4_700_000, train_mod.torch.device("cpu")
+    each = footprint.per_agent_bytes(w, 256, 256)
+    free = 100 * each
+    footprint.check_group_fits(90, w, 256, 256, cpu, free=free)  # 90% of free: fits
+    with pytest.raises(footprint.GroupTooLarge, match="train at most 90 seeds per run") as e:
+        footprint.check_group_fits(91, w, 256, 256, cpu, free=free)
+    assert "91 agents need about" in str(e.value)
+
+
+def test_group_estimate_is_near_the_measured_peak(tmp_path):
+    """The estimate against a real group's peak memory (a fresh process: its peak RSS from just before
+    the group is built), per agent as the difference of a group of 12 and of 4."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys, torch
+from dtql_fast import footprint
+from dtql_fast.tasks import TASKS
+from dtql_fast.transitions import Transitions
+from dtql_fast.update import FastDTQL, StepRunner
+torch.set_num_threads(1)
+n, h, S, A, N = int(sys.argv[1]), TASKS["hopper-medium-v2"].hyper, 11, 3, 4000
+data = Transitions(torch.randn(N, S), torch.rand(N, A) * 2 - 1, torch.randn(N, 1), torch.randn(N, S), torch.ones(N, 1))
+one = footprint.weight_bytes_of(FastDTQL(S, A, h, "cpu").params())
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+base = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) from here on: imports and data apart
+agent = FastDTQL(S, A, h, "cpu", seeds=list(range(n)))
+run = StepRunner(agent, data)
+for _ in range(3):
+    run()
+print(status("VmHWM:") - base, footprint.per_agent_bytes(one, h.batch_size, h.hidden))
+"""
+    out = {n: subprocess.run([sys.executable, "-c", probe, str(n)], capture_output=True, text=True, check=True)
+           .stdout.split() for n in (4, 12)}
+    measured = (int(out[12][0]) - int(out[4][0])) / 8
+    estimate = int(out[12][1])
+    # 0.93 measured on an EPYC (AVX-512); the allocator's pooling differs by machine, hence the margin
+    assert 0.6 * estimate < measured < 1.2 * estimate, (measured, estimate)

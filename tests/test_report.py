@@ -34,6 +34,8 @@ def _run(d, task, seed, evals, finished=True, status=None, score=True, hyper=HYP
                                 "return_mean": v * 10, "score_mean": v if score else None}) + "\n")
     if finished:
         steps = steps or (hyper["pretrain_epochs"] + hyper["epochs"]) * hyper["steps_per_epoch"]
+        with open(d / "metrics.jsonl", "a") as f:  # train.py logs the last step
+            f.write(json.dumps({"kind": "train", "step": steps, "loss_q": 1.0}) + "\n")
         (d / "summary.json").write_text(json.dumps({"task": task, "steps": steps,
                                                     **({} if time is None else {"time": time})}))
     if status:
@@ -54,7 +56,7 @@ def runs_root(tmp_path):
 
 
 def test_table_numbers(runs_root, tmp_path):
-    md, rows = report.report(runs_root, tmp_path / "out")
+    md, rows, _ = report.report(runs_root, tmp_path / "out")
     hopper, pusher = rows[0], rows[1]
     assert hopper.task == "hopper-medium-v2" and pusher.task == "mujoco/pusher/none-v0"
     last, best = [40.0, 60.0, 25.0], [50.0, 60.0, 25.0]   # the unfinished seed counts with its latest evaluation
@@ -97,6 +99,9 @@ def _group(d, task, evals_by_seed, finished=True, status=None, time=None, episod
                     f.write(json.dumps({"kind": "eval", "step": step, "seed": seed, "env_seed": 1000 + 10_000 * seed,
                                         "episodes": episodes, "return_mean": v * 10, "score_mean": v}) + "\n")
     if finished:
+        with open(d / "metrics.jsonl", "a") as f:
+            for seed in seeds:
+                f.write(json.dumps({"kind": "train", "step": 40, "seed": seed, "loss_q": 1.0}) + "\n")
         (d / "summary.json").write_text(json.dumps({"task": task, "steps": 40, "seeds": seeds,
                                                     **({} if time is None else {"time": time})}))
     if status:
@@ -110,8 +115,8 @@ def test_a_seed_group_folder_reads_as_its_seeds(tmp_path):
     for seed, ev in evals.items():
         _run(tmp_path / "singles" / f"s{seed}", "hopper-medium-v2", seed, ev)
     _group(tmp_path / "group" / "hopper-medium-v2", "hopper-medium-v2", evals)
-    md_s, (single,) = report.report(tmp_path / "singles", tmp_path / "out_s")
-    md_g, (group,) = report.report(tmp_path / "group", tmp_path / "out_g")
+    md_s, (single,), _ = report.report(tmp_path / "singles", tmp_path / "out_s")
+    md_g, (group,), _ = report.report(tmp_path / "group", tmp_path / "out_g")
     last, best = [40.0, 60.0, 35.0], [50.0, 60.0, 35.0]
     assert group.last == pytest.approx((mean(last), stdev(last))) and group.best == pytest.approx((mean(best), stdev(best)))
     assert (group.seeds, group.unfinished, group.failed) == (3, 0, 0)
@@ -128,7 +133,7 @@ def test_a_failed_seed_group_counts_each_seed_failed(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "status.json").write_text(json.dumps(
         {"state": "failed", "task": "walker2d-medium-v2", "seeds": [0, 1], "error": "error: NaN in row 7"}))
-    md, rows = report.report(tmp_path, tmp_path / "out")
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
     by = {r.task: r for r in rows}
     assert (by["walker2d-medium-v2"].failed, by["walker2d-medium-v2"].seeds) == (2, 0)
     assert by["hopper-medium-v2"].last == pytest.approx((40.0, stdev([30.0, 50.0])))
@@ -183,7 +188,7 @@ def test_the_paper_columns(tmp_path):
     _seeds(tmp_path, "hopper-medium-v2", hopper)
     _seeds(tmp_path, "walker2d-medium-v2", walker)
     _seeds(tmp_path, "antmaze-umaze-v2", ant)
-    md, rows = report.report(tmp_path, tmp_path / "out")
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
     by = {r.task: r for r in rows}
 
     h = by["hopper-medium-v2"]
@@ -227,7 +232,7 @@ def test_domain_averages_as_the_paper_forms_them(tmp_path):
     for task, lasts in {**kitchen, **gym}.items():
         _seeds(tmp_path, task, lasts)
     _seeds(tmp_path, "mujoco/walker2d/medium-v0", [10.0, 12.0])      # not the paper's data: in no average
-    md, rows = report.report(tmp_path, tmp_path / "out")
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
     doms = {d.domain.name: d for d in report.domain_averages(rows)}
     assert set(doms) == {"Kitchen", "Gym"}
 
@@ -257,7 +262,7 @@ def test_data_that_is_not_the_papers(tmp_path):
     _run(tmp_path / "folder" / "s0", "walker2d-medium-v2", 0, [(40, 88.0)], dataset="/data/d4rl",
          source="/data/d4rl/walker2d_medium-v2.hdf5")
     _run(tmp_path / "cache" / "s1", "walker2d-medium-v2", 1, [(40, 90.0)])
-    md, rows = report.report(tmp_path, tmp_path / "out")
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
     by = {(r.task, r.data_note is None): r for r in rows}
     assert len(rows) == 3
 
@@ -300,7 +305,7 @@ def test_time_per_task(tmp_path):
          hyper={**PAPER_HYPER, "epochs": 500}, episodes=100,
          time=_time(50_000, 0, 1500.0, 1200.0, 300.0, first_step=500_000, hardware="NVIDIA H200"))
     _run(tmp_path / "ant" / "s1", "antmaze-umaze-v0", 1, [(40, 80.0)])
-    md, rows = report.report(tmp_path, tmp_path / "out")
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
     by = {r.task: r.time for r in rows}
 
     h = by["hopper-medium-v2"]
@@ -329,10 +334,58 @@ def test_time_per_task(tmp_path):
     assert ("projection from the training rate: 1 of 1 run(s) ran 50,000 of 550,000 steps in their timed process; "
             "1 run(s) unknown (no time in summary.json) |") in md
     assert "DTQL trains at 21.83 s per 1k steps" in md
-    assert "| antmaze-umaze-v0 | 1 | finished | 5/40 | 1 | 80.0 | 80.0 | unknown |  |" in md
-    assert f"| hopper-medium-v2 | 0 | finished | 5/{full:,} | 20 | 90.0 | 90.0 | 2.000 |  |" in md
+    assert "| antmaze-umaze-v0 | 1 | finished | 40/40 | 1 | 80.0 | 80.0 | unknown |  |" in md
+    assert f"| hopper-medium-v2 | 0 | finished | {full:,}/{full:,} | 20 | 90.0 | 90.0 | 2.000 |  |" in md
 
     csv_rows = {r["task"]: r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))}
     assert float(csv_rows["walker2d-medium-v2"]["hours_per_seed"]) == pytest.approx(projected_h / 3, abs=1e-4)
     assert csv_rows["hopper-medium-v2"]["time_basis"] == "measured"
     assert csv_rows["hopper-medium-v2"]["hardware"] == MACHINE
+
+
+def test_what_could_not_be_read_is_said_per_run_and_strict_fails(tmp_path, capsys):
+    """Broken run folders are named with what was wrong; --strict exits non-zero, the report is written anyway."""
+    import os
+    import socket
+
+    _run(tmp_path / "whole", "hopper-medium-v2", 0, [(20, 10.0), (40, 40.0)])
+    _run(tmp_path / "cut", "hopper-medium-v2", 1, [(20, 10.0), (40, 40.0)])
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "metrics.jsonl").write_text("".join(lines[:2]) + '{"kind": "ev')  # cut mid-row
+    _run(tmp_path / "badcfg", "hopper-medium-v2", 2, [(20, 10.0), (40, 40.0)])
+    (tmp_path / "badcfg" / "config.json").write_text('{"task": ')
+    _run(tmp_path / "nocfg", "hopper-medium-v2", 3, [(20, 10.0), (40, 40.0)])
+    (tmp_path / "nocfg" / "config.json").unlink()
+    _run(tmp_path / "stopped", "hopper-medium-v2", 4, [(20, 10.0)], finished=False)
+    _run(tmp_path / "diverged", "hopper-medium-v2", 5, [(20, 10.0)], finished=False)
+    with open(tmp_path / "diverged" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 22, "loss_q": float("nan")}) + "\n")
+    _run(tmp_path / "live", "hopper-medium-v2", 6, [(20, 10.0)], finished=False)
+    (tmp_path / "live" / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()} 2026-11-30 12:00:00\n")
+
+    _, _, warned = report.report(tmp_path, tmp_path / "out")
+    by = {}
+    for d, w in warned:
+        by.setdefault(d.name, []).append(w)
+    assert by == {
+        "cut": ["metrics.jsonl ends at step 5 but summary.json says the run reached step 40: rows are missing "
+                "(the file was cut short or replaced)"],
+        "badcfg": ["config.json cannot be read (not JSON: cut short or edited?)"],
+        "nocfg": ["config.json is missing: task, seed and schedule unknown (the task is taken from the folder name)"],
+        "stopped": [f"stopped at step 5 and not running; resume with python -m dtql_fast.train --resume "
+                    f"{tmp_path / 'stopped'}"],
+        "diverged": ["diverged at step 22 (non-finite values in its last metric row)"],
+    }  # "whole" and "live" (its lock held by a running process) have nothing to say
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Warnings" in md and f"- `{tmp_path / 'diverged'}`: diverged at step 22" in md
+    assert "| hopper-medium-v2 | 5 | unfinished | 22/40 | 1 | 10.0 | 10.0 | unknown | diverged at step 22" in md
+
+    capsys.readouterr()
+    report.main([str(tmp_path), "--out", str(tmp_path / "out2")])  # exit 0, the warnings on stderr
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'badcfg'}: config.json cannot be read" in err and len(err.splitlines()) == 5
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path), "--out", str(tmp_path / "out3"), "--strict"])
+    assert e.value.code == "error: --strict: 5 run folder(s) with warnings (above)"
+    assert (tmp_path / "out3" / "report.md").exists()
+    report.main([str(tmp_path / "whole"), "--out", str(tmp_path / "out4"), "--strict"])  # a whole run: exit 0

@@ -323,7 +323,7 @@ def test_report_on_the_sweep(grid, tmp_path):
     from dtql_fast import report
 
     out, _, _ = grid
-    md, rows = report.report(out, tmp_path / "report")
+    md, rows, _ = report.report(out, tmp_path / "report")
     by = {r.task: r for r in rows}
     assert set(by) == {*GOOD, BAD}
     for task, paper in zip(GOOD, (99.6, 89.4)):

@@ -71,8 +71,9 @@ def test_in_support_rule():
 
 
 def test_config_rejects_bad_values():
-    for bad, field in ((dict(steps=0), "steps"), (dict(policy_samples=-1), "policy_samples"),
-                       (dict(batch=-5), "batch"), (dict(lr=0.0), "lr"), (dict(alpha=-1.0), "alpha"),
+    for bad, field in ((dict(steps=0), "--steps"), (dict(policy_samples=-1), "--policy-samples"),
+                       (dict(batch=-5), "--batch"), (dict(lr=0.0), "--lr"), (dict(alpha=-1.0), "--alpha"),
+                       (dict(n_eval=0), "n_eval"),
                        (dict(dataset="moons"), "moons"), (dict(method="sft"), "sft")):
         with pytest.raises(ValueError, match=field):
             toy.ToyConfig(**bad)
@@ -173,3 +174,28 @@ def test_cli_writes_pngs_grid_and_json(tmp_path):
     for m in summary.values():
         assert {"in_support_frac", "policy_reward_mean", "data_reward_mean", "data_reward_max",
                 "wall_s", "config"} <= set(m)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+    (["--policy-samples", "-1"], "error: --policy-samples must be at least 1, got -1"),
+    (["--batch", "-2"], "error: --batch must be >= 0 (0 = all rows), got -2"),
+    (["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+    (["--alpha", "-1"], "error: --alpha must be a finite number >= 0, got -1.0"),
+    (["--log-every", "-5"], "error: --log-every must be >= 0 (0 = no history), got -5"),
+    (["--threads", "0"], "error: --threads must be at least 1, got 0"),
+])
+def test_cli_bad_input_is_one_line_before_any_work(tmp_path, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--method", "all", *flags, "--out", str(out)])
+    assert e.value.code == message
+    assert not out.exists()
+
+
+def test_cli_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--steps", "1", "--out", str(tmp_path / "f")])
+    assert e.value.code == f"error: --out {tmp_path / 'f'}: cannot write there (File exists); choose another --out"
+    assert (tmp_path / "f").read_text() == "x"

@@ -27,13 +27,15 @@ import math
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import optional
 from .tasks import TASKS
+
+gym = optional.gymnasium()
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_POLICY = ASSETS / "hopper-medium-sac.pt"

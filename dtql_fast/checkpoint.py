@@ -21,12 +21,13 @@ from typing import NamedTuple
 
 import torch
 
+# The file names are the run folder's (runfolder.py), under the names this module has always used.
+from .runfolder import CHECKPOINT as FILENAME
+from .runfolder import CHECKPOINT_PREVIOUS as PREVIOUS
+from .runfolder import CHECKPOINT_UNREADABLE as UNREADABLE
 from .runfolder import cannot_write, write_fault
 
 FORMAT = 1
-FILENAME = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
-UNREADABLE = "checkpoint.unreadable.pt"
 _TEMP_PREFIX, _TEMP_SUFFIX = ".ckpt-", ".tmp"
 
 

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import gymnasium as gym
 import numpy as np
 
+from . import optional
 from .tasks import DEFAULT_HYPER, TASKS, Task, get_task
 from .transitions import DatasetError, Transitions
+
+gym = optional.gymnasium()  # absent on a bare GPU machine: D4RL files still load
 
 __all__ = [
     "LoadedData", "load_dataset", "load_d4rl", "load_minari", "build_offline_dataset",
@@ -159,18 +161,21 @@ def check_env_widths(loaded: "LoadedData", need_env: bool = True):
     env.close()
 
 
-def _robotics_problem(env_id: str | None) -> str | None:
-    """None when gymnasium can build env_id, else what to install."""
+def _env_problem(env_id: str | None) -> str | None:
+    """None when gymnasium can build env_id, else what to install (gymnasium, MuJoCo or gymnasium-robotics)."""
     if env_id is None:
         return None
+    what = f"evaluation env {env_id!r}"
+    if not optional.have("gymnasium"):
+        return optional.missing_message("gymnasium", what)
     try:
-        gym.spec(env_id)
-        return None
+        spec = gym.spec(env_id)
     except gym.error.Error:
-        pass
-    if importlib.util.find_spec("gymnasium_robotics") is None:
-        return (f"evaluation env {env_id!r} needs gymnasium-robotics, which is not installed: "
-                f'pip install "dtql_fast[robotics]"')
+        if importlib.util.find_spec("gymnasium_robotics") is None:
+            return f'{what} needs gymnasium-robotics, which is not installed: pip install "dtql_fast[robotics]"'
+        return None
+    if "mujoco" in str(spec.entry_point) and not optional.have("mujoco"):
+        return optional.missing_message("mujoco", what)
     return None
 
 
@@ -186,7 +191,7 @@ def _gym_make(env_id: str) -> gym.Env:
         try:
             import gymnasium_robotics  # noqa: F401  (registers the robotics envs)
         except ImportError as e:
-            raise RoboticsMissingError(_robotics_problem(env_id) or str(e)) from None
+            raise RoboticsMissingError(_env_problem(env_id) or str(e)) from None
         gym.register_envs(gymnasium_robotics)
     kwargs = {}
     for prefix, kw in _ENV_KWARGS_BY_PREFIX.items():
@@ -313,7 +318,7 @@ def load_d4rl(task: Task, dataset_path=None, device="cpu", *, download: bool = T
     if task.reward_shift:
         note += f"; rewards shifted by {task.reward_shift:+g}"
     return LoadedData(transitions, task, make_env, float(np.mean(rets)) if rets else None, note=note,
-                      source=str(path), episodes=len(rets), env_problem=_robotics_problem(task.env_id))
+                      source=str(path), episodes=len(rets), env_problem=_env_problem(task.env_id))
 
 
 # -- Minari -------------------------------------------------------------------------------------
@@ -438,14 +443,14 @@ def load_minari(dataset_id: str, device="cpu", *, download: bool = True) -> Load
             try:
                 env = ds.recover_environment()
             except (gym.error.Error, ImportError):
-                problem = _robotics_problem(env_id)
+                problem = _env_problem(env_id)
                 if problem:
                     raise RoboticsMissingError(problem) from None
                 raise
         return _wrap_eval_env(env, obs_keys, state_dim, action_dim, env_id or dataset_id)
 
     return LoadedData(transitions, task, make_env, float(np.mean(rets)), note="; ".join(notes), source=src,
-                      episodes=len(rets), env_problem=_robotics_problem(env_id))
+                      episodes=len(rets), env_problem=_env_problem(env_id))
 
 
 # -- entry point --------------------------------------------------------------------------------

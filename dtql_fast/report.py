@@ -23,8 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paper, runs
-from .tasks import TASKS
+from . import paper, runfolder, runs
+from .curves import draw_mean_curve, mean_curve, mean_std
+from .tasks import TASKS, run_steps
 
 MARK_UNFINISHED = "†"
 
@@ -68,7 +69,7 @@ def run_time(task: str, cfg: dict, summary: dict | None, eval_rows: list[dict], 
     if not t or not t.get("steps"):
         return None
     pre, epochs, spe, every = _schedule(task, cfg)
-    full = (pre + epochs) * spe
+    full = run_steps(pre, epochs, spe)
     if not full:  # no schedule to time (a config.json without "hyper")
         return None
     steps, first = t["steps"], t.get("first_step", 0)
@@ -230,7 +231,7 @@ class DomainRow:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return any((d / name).is_file() for name in ("config.json", runs.STATUS, "metrics.jsonl"))
+    return any((d / name).is_file() for name in (runfolder.CONFIG, runs.STATUS, runfolder.METRICS))
 
 
 def discover(root: Path) -> list[SeedRun]:
@@ -247,7 +248,7 @@ def discover(root: Path) -> list[SeedRun]:
 
 
 def _read_run(d: Path) -> list[SeedRun]:
-    cfg = runs.read_json(d / "config.json") or {}
+    cfg = runs.read_json(d / runfolder.CONFIG) or {}
     status = runs.read_status(d)
     task = cfg.get("task") or status.get("task") or d.name
     state = runs.run_state(d, None)
@@ -255,7 +256,7 @@ def _read_run(d: Path) -> list[SeedRun]:
     total = runs.planned_steps_from_config(d)
     step = train_rows[-1]["step"] if train_rows else None
     if state == "finished":  # how far it got is summary.json's word (its rows may be cut: runs.problems says so)
-        step = (runs.read_json(d / "summary.json") or {}).get("steps", step)
+        step = (runs.read_json(d / runfolder.SUMMARY) or {}).get("steps", step)
     error = status.get("error") if state == "failed" else None
     # A seed group's folder (train --seeds; the sweep writes "seeds" in status.json too, before config.json
     # exists) holds every seed's rows, each tagged with its seed; a single run's rows are all its one seed's.
@@ -265,7 +266,7 @@ def _read_run(d: Path) -> list[SeedRun]:
     else:
         per_seed = [(cfg.get("config", {}).get("seed", status.get("seed")), eval_rows)]
     note = data_note(task, cfg)
-    timed = run_time(task, cfg, runs.read_json(d / "summary.json"), eval_rows, len(per_seed))
+    timed = run_time(task, cfg, runs.read_json(d / runfolder.SUMMARY), eval_rows, len(per_seed))
     problems = runs.problems(d)
     out = []
     for s, rows in per_seed:
@@ -273,15 +274,6 @@ def _read_run(d: Path) -> list[SeedRun]:
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
         out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed, problems))
     return out
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float | None] | None:
-    if not xs:
-        return None
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def _task_time(task: str, counted: list[SeedRun]) -> TaskTime:
@@ -303,7 +295,7 @@ def summarise(seed_runs: list[SeedRun]) -> list[TaskRow]:
         rows.append(TaskRow(task=task, kind=kind, seeds=len(counted),
                             unfinished=sum(r.state != "finished" for r in counted),
                             failed=sum(r.state == "failed" for r in mine),
-                            last=_mean_std([r.last for r in counted]), best=_mean_std([r.best for r in counted]),
+                            last=mean_std([r.last for r in counted]), best=mean_std([r.best for r in counted]),
                             paper=ref.dtql.mean if ref else None, paper_row=ref, data_note=note,
                             time=_task_time(task, [r for r in mine if r.state != "failed"])))
     return rows
@@ -514,15 +506,7 @@ def to_csv(rows: list[TaskRow], path: Path):
 
 def curve(seed_runs: list[SeedRun]) -> list[tuple[int, float, float, int]]:
     """(step, mean, std, n) over the seeds that have an evaluation at each step."""
-    by_step: dict[int, list[float]] = {}
-    for r in seed_runs:
-        for step, score in r.evals:
-            by_step.setdefault(step, []).append(score)
-    out = []
-    for step in sorted(by_step):
-        m, s = _mean_std(by_step[step])
-        out.append((step, m, s or 0.0, len(by_step[step])))
-    return out
+    return mean_curve(pt for r in seed_runs for pt in r.evals)
 
 
 def _pyplot():
@@ -540,11 +524,8 @@ def plot_task(task: str, seed_runs: list[SeedRun], path: Path, ref: float | None
     for r in seed_runs:
         if r.evals:
             ax.plot(*zip(*r.evals), color="tab:blue", alpha=0.25, lw=0.8)
-    if pts:
-        steps, means, stds = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-        ax.plot(steps, means, color="tab:blue", lw=2, label=f"mean over {len(seed_runs)} seeds")
-        ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color="tab:blue", alpha=0.2, label="± std")
+    draw_mean_curve(ax, pts, band=dict(color="tab:blue", alpha=0.2, label="± std"),
+                    color="tab:blue", lw=2, label=f"mean over {len(seed_runs)} seeds")
     if ref is not None:
         ax.axhline(ref, color="tab:red", ls="--", label=f"paper {ref:.1f}")
     kind = "normalised score" if all(r.kind == "score" for r in seed_runs) else "return"

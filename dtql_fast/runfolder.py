@@ -12,10 +12,21 @@ import socket
 import time
 from pathlib import Path
 
+# The names of a run folder's files, each defined here once.
 LOCKNAME = "run.lock"
-METRIC_FILES = ("metrics.jsonl", "train.csv", "eval.csv")
+CONFIG = "config.json"                  # the run's settings, written when it starts
+SUMMARY = "summary.json"                # written when it finishes
+METRICS = "metrics.jsonl"               # every metric and evaluation row
+TRAIN_CSV = "train.csv"                 # the training rows as a table
+EVAL_CSV = "eval.csv"                   # the evaluation rows as a table
+CURVES = "learning_curves.png"
+CHECKPOINT = "checkpoint.pt"            # the newest checkpoint (checkpoint.py writes them)
+CHECKPOINT_PREVIOUS = "checkpoint.prev.pt"  # the one before
+CHECKPOINT_UNREADABLE = "checkpoint.unreadable.pt"  # a newest one that did not read, set aside
+
+METRIC_FILES = (METRICS, TRAIN_CSV, EVAL_CSV)
 # The files that make a folder hold a run (a new run into it is refused: train.keep_existing_run).
-RUN_FILES = ("config.json", "summary.json", "checkpoint.pt", "checkpoint.prev.pt", *METRIC_FILES)
+RUN_FILES = (CONFIG, SUMMARY, CHECKPOINT, CHECKPOINT_PREVIOUS, *METRIC_FILES)
 
 
 class RunFolderBusy(RuntimeError):
@@ -189,7 +200,7 @@ def trim_metrics(folder: str | os.PathLike, step: int) -> list[dict]:
         if not path.exists():
             continue
         lines = re.findall(r"[^\n]*\n|[^\n]+\Z", path.read_bytes().decode())  # as written: csv's \r\n stays
-        if name.endswith(".jsonl"):
+        if name == METRICS:
             keep = [ln for ln in lines if (row := _json_row(ln)) is not None and row.get("step", 0) <= step]
             kept_rows = [json.loads(ln) for ln in keep]
         else:

@@ -15,15 +15,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runfolder import live_holder
-from .tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER, TASKS, Hyper, get_task
+from .runfolder import (CHECKPOINT, CHECKPOINT_PREVIOUS, CONFIG, CURVES, EVAL_CSV, METRICS, SUMMARY, TRAIN_CSV,
+                        live_holder)
+from .tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER, TASKS, Hyper, get_task, run_steps
 
+# The files the sweep adds to a run folder (train.py's own are named in runfolder.py).
 STATUS = "status.json"
 ATTEMPTS = "attempts.jsonl"
 LOG = "train.log"
-CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
+CHECKPOINTS = (CHECKPOINT, CHECKPOINT_PREVIOUS)
 # What a fresh start clears: outputs of an attempt that died before writing any checkpoint.
-PARTIAL_OUTPUTS = ("metrics.jsonl", "train.csv", "eval.csv", "summary.json", "learning_curves.png", "config.json")
+PARTIAL_OUTPUTS = (METRICS, TRAIN_CSV, EVAL_CSV, SUMMARY, CURVES, CONFIG)
 
 
 def base_hyper(task: str, dataset: str | None) -> Hyper:
@@ -39,17 +41,13 @@ def base_hyper(task: str, dataset: str | None) -> Hyper:
     return get_task(task).hyper  # raises UnknownTaskError naming close matches
 
 
-def total_steps(hyper: Hyper) -> int:
-    return (hyper.pretrain_epochs + hyper.epochs) * hyper.steps_per_epoch
-
-
 def planned_steps_from_config(run_dir: Path) -> int | None:
     """The total a run started with, from its config.json (None before train.py wrote it)."""
-    cfg = read_json(run_dir / "config.json")
+    cfg = read_json(run_dir / CONFIG)
     if not cfg or "hyper" not in cfg:
         return None
     h = cfg["hyper"]
-    return (h["pretrain_epochs"] + h["epochs"]) * h["steps_per_epoch"]
+    return run_steps(h["pretrain_epochs"], h["epochs"], h["steps_per_epoch"])
 
 
 def read_json(path: Path) -> dict | None:
@@ -68,7 +66,7 @@ def write_json_atomic(path: Path, obj: dict):
 
 
 def is_finished(run_dir: Path, planned: int | None) -> bool:
-    summary = read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / SUMMARY)
     if summary is None or "steps" not in summary:
         return False
     planned = planned if planned is not None else planned_steps_from_config(run_dir)
@@ -107,7 +105,7 @@ def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     checkpoint; keeping the last row per step drops the dead attempt's copy.
     """
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = (run_dir / METRICS).read_text().splitlines()
     except OSError:
         return [], []
     rows: dict[tuple, dict] = {}
@@ -142,7 +140,7 @@ def run_state(run_dir: Path, planned: int | None) -> str:
     state = read_status(run_dir).get("state")
     if state and state != "finished":  # "finished" with no summary: the folder was changed since
         return state
-    return "unfinished" if (run_dir / "config.json").is_file() else "pending"
+    return "unfinished" if (run_dir / CONFIG).is_file() else "pending"
 
 
 def progress(run_dir: Path, planned: int | None) -> RunProgress:
@@ -161,7 +159,7 @@ def progress(run_dir: Path, planned: int | None) -> RunProgress:
         values = [r[key] for r in latest if r.get(key) is not None]
         p.score = sum(values) / len(values) if values else None
     if finished:
-        p.step = (read_json(run_dir / "summary.json") or {}).get("steps", p.step)
+        p.step = (read_json(run_dir / SUMMARY) or {}).get("steps", p.step)
     return p
 
 
@@ -171,12 +169,12 @@ def problems(run_dir: Path) -> list[str]:
     the steps summary.json reports, a run that stopped (no process holds it, and no sweep says why)
     or diverged. Empty for a run that is finished, or running, and whole."""
     found = []
-    metrics = run_dir / "metrics.jsonl"
-    for name in ("config.json", "summary.json"):
+    metrics = run_dir / METRICS
+    for name in (CONFIG, SUMMARY):
         path = run_dir / name
         if path.exists() and read_json(path) is None:
             found.append(f"{name} cannot be read (not JSON: cut short or edited?)")
-    if not (run_dir / "config.json").exists() and metrics.exists():
+    if not (run_dir / CONFIG).exists() and metrics.exists():
         found.append("config.json is missing: task, seed and schedule unknown (the task is taken from the folder name)")
     try:
         lines = metrics.read_text().split("\n")
@@ -193,13 +191,13 @@ def problems(run_dir: Path) -> list[str]:
         found.append(f"metrics.jsonl has {bad} line(s) that are not JSON; they were skipped")
     train_rows, _ = metric_rows(run_dir)
     last = train_rows[-1].get("step") if train_rows else None
-    summary = read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / SUMMARY)
     if summary and isinstance(summary.get("steps"), int) and (last or 0) < summary["steps"]:
         found.append(f"metrics.jsonl ends at step {last or 0} but summary.json says the run reached step "
                      f"{summary['steps']}: rows are missing (the file was cut short or replaced)")
     if train_rows and any(isinstance(v, float) and not math.isfinite(v) for v in train_rows[-1].values()):
         found.append(f"diverged at step {last} (non-finite values in its last metric row)")
-    elif not (run_dir / "summary.json").exists() and (run_dir / "config.json").exists() and read_status(run_dir).get(
+    elif not (run_dir / SUMMARY).exists() and (run_dir / CONFIG).exists() and read_status(run_dir).get(
             "state") in (None, "unfinished") and live_holder(run_dir) is None:
         where = f"at step {last}" if last else "before its first metric row"
         found.append(f"stopped {where} and not running{' (its last line cut short)' if cut else ''}; "

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runs
+from . import runfolder, runs
+from .cli import RawHelpFormatter
 from .runs import RunProgress
 from .seeds import SeedListError, format_seeds, parse_seeds
 
@@ -161,16 +162,9 @@ def _identity(train_args: tuple[str, ...], task: str) -> dict:
             if k not in {*RUNTIME_FIELDS, "task", "seed", "seeds", "out", "resume", "overwrite"}}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dtql_fast.sweep", formatter_class=_HelpFormatter, allow_abbrev=False,
+        prog="python -m dtql_fast.sweep", formatter_class=RawHelpFormatter, allow_abbrev=False,
         description="Train a grid of tasks x seeds on Ray: a local Ray by default, an existing cluster with\n"
                     "--address. Each task's seeds are one run: one Ray task, one `python -m dtql_fast.train --seeds`\n"
                     "process training the seed group in one step, one run folder OUT/<task>/. Running the same\n"
@@ -248,7 +242,7 @@ def plan_runs(cfg: SweepConfig) -> list[RunSpec]:
     specs = []
     for task in cfg.tasks:
         tcfg = _train_config(cfg.train_args, task)
-        planned = runs.total_steps(tcfg.hyper(runs.base_hyper(task, tcfg.dataset)))
+        planned = tcfg.hyper(runs.base_hyper(task, tcfg.dataset)).run_steps
         specs.append(RunSpec(task, tuple(cfg.seeds), str(run_dir_for(out, task)), cfg.train_args, planned, threads,
                              stop))
     return specs
@@ -382,7 +376,7 @@ def execute_run(spec: RunSpec) -> RunResult:
             runs.append_attempt(run_dir, event="end", state=state, exit_code=proc.returncode, time=time.time())
             raise
     ended = time.time()
-    steps = (runs.read_json(run_dir / "summary.json") or {}).get("steps")
+    steps = (runs.read_json(run_dir / runfolder.SUMMARY) or {}).get("steps")
     if runs.is_finished(run_dir, spec.planned_steps) and (rc == 0 or stopped):
         state, error = "finished", None
     elif stopped:

@@ -32,10 +32,21 @@ class Hyper:
 
     @property
     def total_steps(self) -> int:
+        """Training steps only (the lr schedule's length): pretraining not counted. See run_steps."""
         return self.epochs * self.steps_per_epoch
+
+    @property
+    def run_steps(self) -> int:
+        """A whole run's steps: pretraining + training (what train.py runs, a finished run reaches)."""
+        return run_steps(self.pretrain_epochs, self.epochs, self.steps_per_epoch)
 
     def replace(self, **kw) -> "Hyper":
         return dataclasses.replace(self, **kw)
+
+
+def run_steps(pretrain_epochs: int, epochs: int, steps_per_epoch: int) -> int:
+    """A whole run's steps, pretraining + training: Hyper.run_steps, and a run's config.json "hyper"."""
+    return (pretrain_epochs + epochs) * steps_per_epoch
 
 
 D4RL_BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"

@@ -25,9 +25,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, compiling, divergence, footprint, runfolder
+from .cli import HelpFormatter
+from .curves import draw_mean_curve, mean_curve
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
 from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
-from .profiling.ranges import ProfileWindow, parse_window, phase
+from .ranges import ProfileWindow, parse_window, phase
 from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
 from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
 from .transitions import DatasetError
@@ -133,21 +135,12 @@ def check_config(cfg: TrainConfig):
         raise ConfigError("; ".join(problems))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one to show (not None, not a bare switch)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(
         prog="python -m dtql_fast.train",
         description="Train DTQL (Diffusion Trusted Q-Learning) on a D4RL task or a Minari dataset. "
                     "With no arguments: build a small offline Reacher dataset and train on it (minutes on a CPU).",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     a = p.add_argument
     a("--task", default=OFFLINE_DATASET_ID,
       help="a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari dataset id "
@@ -219,9 +212,11 @@ def _device(name: str) -> torch.device:
 class MetricLog:
     """metrics.jsonl (every row), train.csv and eval.csv (one table each), appended as they come."""
 
+    CSV_NAMES = {"train": runfolder.TRAIN_CSV, "eval": runfolder.EVAL_CSV}  # a row's kind -> its table
+
     def __init__(self, out: Path):
         self.out = out
-        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.jsonl = open(out / runfolder.METRICS, "a")
         self._csv: dict[str, tuple] = {}
 
     def write(self, kind: str, row: dict):
@@ -229,7 +224,7 @@ class MetricLog:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         flat = {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
-        path = self.out / f"{kind}.csv"
+        path = self.out / self.CSV_NAMES[kind]
         if kind not in self._csv:
             new = not path.exists()
             f = open(path, "a", newline="")
@@ -261,7 +256,7 @@ def plot_curves(out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / runfolder.METRICS)]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     n_seeds = len({r.get("seed") for r in train}) if train and "seed" in train[0] else 1
@@ -280,23 +275,14 @@ def plot_curves(out: Path):
     if n_seeds > 1:
         fig.suptitle(f"mean over {n_seeds} seeds, band: ± std across seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=80)
+    fig.savefig(out / runfolder.CURVES, dpi=80)
     plt.close(fig)
 
 
 def _plot_mean_band(ax, points: list[tuple[int, float]], **style):
     """One line through the mean at each step, and a ± std band where a step has several values (seeds)."""
-    if not points:
-        return
-    by_step: dict[int, list[float]] = {}
-    for step, v in points:
-        by_step.setdefault(step, []).append(v)
-    steps = sorted(by_step)
-    means = [statistics.fmean(by_step[t]) for t in steps]
-    ax.plot(steps, means, **style)
-    if any(len(v) > 1 for v in by_step.values()):
-        stds = [statistics.stdev(by_step[t]) if len(by_step[t]) > 1 else 0.0 for t in steps]
-        ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.25)
+    curve = mean_curve(points)
+    draw_mean_curve(ax, curve, band={"alpha": 0.25} if any(n > 1 for *_, n in curve) else None, **style)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -505,7 +491,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     checkpoint.remove_partial(out)
 
     spe = hyper.steps_per_epoch
-    pre_total, total = hyper.pretrain_epochs * spe, (hyper.pretrain_epochs + hyper.epochs) * spe
+    pre_total, total = hyper.pretrain_epochs * spe, hyper.run_steps
     choice = compiling.initial(cfg.compile, device)  # compile or not; None: decided after timing eager steps
     cache = compiling.use_cache() if choice.compile is not False else None
     runners = {}
@@ -523,9 +509,9 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
                 f"H{hyper.hidden}|N{len(group) if group else 0}|{kernels}|{'pretrain' if pretrain else 'train'}")
 
     log = MetricLog(out)
-    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg),
-                                                 "hyper": dataclasses.asdict(hyper),
-                                                 "task": cfg.task, "source": loaded.source}, indent=2))
+    (out / runfolder.CONFIG).write_text(json.dumps({"config": dataclasses.asdict(cfg),
+                                                    "hyper": dataclasses.asdict(hyper),
+                                                    "task": cfg.task, "source": loaded.source}, indent=2))
     kernels_text = kernels if device.type == "cuda" or kernels == "torch" else f"{kernels} (their PyTorch form on a CPU)"
     who = f"seed {cfg.seed}" if group is None else f"seeds {format_seeds(group)} ({len(group)} agents, one step)"
     print(f"dtql_fast | task {cfg.task} | {who} | {data.n} transitions, state {data.state_dim}, action "
@@ -679,7 +665,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     if last_eval is not None:
         summary.update(eval_summary(last_eval, group, eval_episodes, loaded.behaviour_return))
         print(final_message(cfg.task, summary, group))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 

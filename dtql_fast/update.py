@@ -37,7 +37,7 @@ from torch.func import grad
 from . import edm, fastnets
 from .draws import Draws, sample_draws
 from .nets import Critic, DiffusionNet, GaussianPolicy
-from .profiling.ranges import phase
+from .ranges import phase
 from .seeds import check_seeds
 from .tasks import Hyper
 from .transitions import Transitions

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from dtql_fast.profiling.ranges import PHASES, ProfileWindow, parse_window, phase
+from dtql_fast.ranges import PHASES, ProfileWindow, parse_window, phase
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every number, plus machine info, here")
     p.add_argument("--profile-steps", metavar="A:B", default=None,
                    help="profile steps [A, B) of every variant (0-based, warm-up included) with "
-                        "profiling.ranges.ProfileWindow: on CUDA cudaProfilerStart/Stop for nsys "
+                        "dtql_fast.ranges.ProfileWindow: on CUDA cudaProfilerStart/Stop for nsys "
                         "--capture-range=cudaProfilerApi, on CPU a Chrome trace per variant under "
                         "--profile-out/<variant>/; profiled steps are left out of the timing")
     p.add_argument("--profile-out", default="bench_profile", help="where CPU traces go")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from dtql_fast.seeds import format_seeds, parse_seeds
+from dtql_fast.runfolder import CONFIG, METRICS, SUMMARY
 from dtql_fast.train import env_seed  # every variant plays the envs train's evaluation plays
 
 VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
@@ -84,8 +85,8 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
     env.close()
     sampler = _ReleaseSampler(data)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "w")
-    (out / "config.json").write_text(json.dumps({"variant": "release", "src": str(src), "task": task,
+    log = open(out / METRICS, "w")
+    (out / CONFIG).write_text(json.dumps({"variant": "release", "src": str(src), "task": task,
                                                  "dataset": dataset, "seed": seed, "hyper": h.__dict__}, indent=2))
     spe, t0 = h.steps_per_epoch, time.perf_counter()
     pre_total = h.pretrain_epochs * spe
@@ -122,7 +123,7 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
     log.close()
     summary = {"variant": "release", "seed": seed, "steps": pre_total + h.total_steps,
                "score_mean": last["score_mean"] if last else None, "wall_s": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -153,7 +154,7 @@ def run(args) -> None:
         if variant == "release":
             for s in seeds:
                 folder = args.out / "release" / f"seed{s}"
-                if (folder / "summary.json").exists():
+                if (folder / SUMMARY).exists():
                     print(f"release seed {s}: done already ({folder})")
                     continue
                 over = {k: sched[k] for k in ("epochs", "pretrain_epochs", "eval_every", "steps_per_epoch")}
@@ -162,7 +163,7 @@ def run(args) -> None:
             continue
         for cmd in ours_command(variant, args.task, args.dataset, seeds, sched, args.out):
             folder = Path(cmd[cmd.index("--out") + 1])
-            if (folder / "summary.json").exists():
+            if (folder / SUMMARY).exists():
                 print(f"{variant}: done already ({folder})")
                 continue
             print("+", " ".join(cmd), flush=True)
@@ -172,27 +173,27 @@ def run(args) -> None:
 # -- the report --------------------------------------------------------------------------------
 
 def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in open(folder / "metrics.jsonl") if line.strip()]
+    return [json.loads(line) for line in open(folder / METRICS) if line.strip()]
 
 
 def read_variant(folder: Path) -> dict[int, list[dict]]:
     """seed -> that seed's metric rows, from a variant's folder (one run folder per seed, or a group's)."""
     per_seed: dict[int, list[dict]] = {}
-    if (folder / "metrics.jsonl").exists():  # a group: rows carry their seed
+    if (folder / METRICS).exists():  # a group: rows carry their seed
         for r in _rows(folder):
             per_seed.setdefault(r["seed"], []).append(r)
         return per_seed
     for sub in sorted(folder.glob("seed*")):
-        if (sub / "metrics.jsonl").exists():
+        if (sub / METRICS).exists():
             per_seed[int(sub.name[4:])] = _rows(sub)
     return per_seed
 
 
 def _finished(folder: Path) -> bool:
     """Every run of a variant's folder wrote its summary.json (a group: one; per seed: each)."""
-    if (folder / "metrics.jsonl").exists():
-        return (folder / "summary.json").exists()
-    return all((sub / "summary.json").exists() for sub in folder.glob("seed*") if (sub / "metrics.jsonl").exists())
+    if (folder / METRICS).exists():
+        return (folder / SUMMARY).exists()
+    return all((sub / SUMMARY).exists() for sub in folder.glob("seed*") if (sub / METRICS).exists())
 
 
 def _stats(xs: list[float]) -> dict:

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtql_fast.draws import Draws, sample_draws
-from dtql_fast.profiling.ranges import ProfileWindow, phase
+from dtql_fast.ranges import ProfileWindow, phase
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import Transitions

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from dtql_fast.profiling.ranges import PHASES, ProfileWindow, parse_window, phase
+from dtql_fast.ranges import PHASES, ProfileWindow, parse_window, phase
 from dtql_fast.tasks import Hyper
 from dtql_fast.transitions import Transitions
 from dtql_fast.update import FastDTQL, StepRunner

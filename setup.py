@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         # The tests run sweeps on a local Ray (no dashboard needed); `sweep` adds Ray's dashboard.
-        "test": ["pytest", "ray==2.60.0"],
+        "test": ["pytest", "ray==2.60.0", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "sweep": ["ray[default]==2.60.0"],
         "robotics": ["gymnasium-robotics>=1.2"],
         "hf": ["minari[hf]"],

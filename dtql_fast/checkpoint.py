@@ -23,6 +23,7 @@ import torch
 
 # The file names are the run folder's (runfolder.py), under the names this module has always used.
 from .runfolder import CHECKPOINT as FILENAME
+from .runfolder import CHECKPOINT_BEST as BEST
 from .runfolder import CHECKPOINT_PREVIOUS as PREVIOUS
 from .runfolder import CHECKPOINT_UNREADABLE as UNREADABLE
 from .runfolder import cannot_write, write_fault
@@ -39,7 +40,7 @@ def previous_of(path: Path) -> Path:
     return path.with_name(PREVIOUS) if path.name == FILENAME else path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def save(path: str | os.PathLike, payload: dict) -> Path:
+def save(path: str | os.PathLike, payload: dict, keep_previous: bool = True) -> Path:
     """Write to a temp file in the same folder and fsync it, then rotate: the old checkpoint becomes
     the previous one, the temp file the checkpoint. A crash, Ctrl-C or SIGKILL at any point leaves
     a complete checkpoint behind (the new one, or the old one as checkpoint.prev.pt)."""
@@ -54,7 +55,7 @@ def save(path: str | os.PathLike, payload: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         _stall_for_test(path.parent, "written")
-        if path.exists():
+        if keep_previous and path.exists():
             os.replace(path, previous_of(path))
         _stall_for_test(path.parent, "rotated")
         os.replace(tmp, path)
@@ -162,6 +163,29 @@ class Schedule:
         save(self.path, payload)
         self.last_good, self.saved_step = (self.path, step), step
         self.next_due = time.monotonic() + self.every_s
+
+
+class Best:
+    """checkpoint.best.pt: the state at the evaluation with the highest mean score over the run's agents
+    (return where the task has no reference scores), written atomically when an evaluation beats it.
+    Best-of-run: picked with the online evaluations themselves, so its score overstates what a run delivers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.score: float | None = None
+        if path.exists():  # a resumed run beats what the run had already seen, not its own restart
+            try:
+                self.score = load(path).get("best", {}).get("score")
+            except CheckpointError:
+                self.score = None
+
+    def offer(self, step: int, score: float | None, metric: str, payload) -> bool:
+        """Save payload() as the best when `score` beats the best so far; True when it did."""
+        if score is None or not math.isfinite(score) or (self.score is not None and score <= self.score):
+            return False
+        save(self.path, {**payload(), "best": {"step": step, "score": score, "metric": metric}}, keep_previous=False)
+        self.score = score
+        return True
 
 
 def check_compatible(ckpt: dict, task: str, shapes: dict, where: str = "checkpoint"):

@@ -178,3 +178,82 @@ def _scores(returns: np.ndarray, lengths: np.ndarray, task) -> dict:
         scores = np.array([task.normalized_score(r) for r in returns])
         out.update(scores=scores.tolist(), score_mean=float(scores.mean()), score_std=float(scores.std()))
     return out
+
+
+# -- python -m dtql_fast.evaluate RUN: a trained run evaluated again -----------------------------------
+
+
+def main(argv=None) -> list[dict]:
+    """Evaluate a run folder's agents again, as training does (the same acting rule, draws seeded by the
+    checkpoint's step, the same normalisation); print and write the scores as JSON."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from . import checkpoint
+    from .seeds import SeedListError, parse_seeds
+    from .tasks import Hyper
+    from .train import TrainConfig, _device, eval_rows, evaluate_agents, load_run_data
+    from .transitions import DatasetError
+    from .update import FastDTQL
+
+    p = argparse.ArgumentParser(prog="python -m dtql_fast.evaluate", description=main.__doc__)
+    p.add_argument("run", help="a run folder (python -m dtql_fast.train --out)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="last: the newest checkpoint; best: checkpoint.best.pt, the state at the run's best "
+                        "evaluation (best-of-run: picked with those evaluations, so its score there overstates)")
+    p.add_argument("--episodes", type=int, help="episodes per agent (default: the run's)")
+    p.add_argument("--env-seed", type=int, help="the first env's seed (agent i plays env-seed + 10000 i + j); "
+                                                "default: training's, which repeats its evaluation at that step")
+    p.add_argument("--agents", metavar="SEEDS", help="of a seed group, these seeds only (e.g. 0,2); default all")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", metavar="PATH", help="default: RUN/evaluation-<checkpoint>-step<N>.json")
+    a = p.parse_args(argv)
+    if a.episodes is not None and a.episodes < 1:
+        p.error(f"--episodes {a.episodes}: takes >= 1")
+    run = Path(a.run)
+    device = _device(a.device)
+    try:
+        if a.checkpoint == "best":
+            if run.is_dir() and not (run / checkpoint.BEST).exists():
+                raise checkpoint.CheckpointError(
+                    f"{run} has no {checkpoint.BEST} (a run with --no-eval, or from before it was written, keeps "
+                    "none); use --checkpoint last")
+            ckpt = checkpoint.load(run / checkpoint.BEST if run.is_dir() else run, map_location=device)
+        else:
+            ckpt = checkpoint.load_latest(run, map_location=device).ckpt
+        cfg, hyper = TrainConfig(**ckpt["config"]), Hyper(**ckpt["hyper"])
+        agents = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+        keep = list(parse_seeds(a.agents, "--agents")) if a.agents else agents
+        if set(keep) - set(agents):
+            raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
+        loaded = load_run_data(cfg, device)
+        checkpoint.check_compatible(ckpt, cfg.task, {"state_dim": loaded.transitions.state_dim,
+                                                     "action_dim": loaded.transitions.action_dim,
+                                                     "hidden": hyper.hidden, "noise_levels": hyper.noise_levels},
+                                    where=f"the checkpoint in {run}")
+        if loaded.env_problem:
+            raise DatasetError(f"evaluation for {cfg.task} cannot run: {loaded.env_problem}")
+    except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=cfg.seeds)
+    agent.load_state_dict(ckpt["agent"])
+    step = ckpt["step"]
+    episodes = a.episodes or cfg.eval_episodes or loaded.task.eval_episodes
+    results = evaluate_agents(agent.act, loaded, hyper, device, cfg, step, episodes, first_env_seed=a.env_seed)
+    rows = [r for r in eval_rows(results, step, 0, cfg.seeds) if r.get("seed", cfg.seed) in keep]
+    for r in rows:
+        r.pop("epoch")
+        score = f", normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
+        print(f"{cfg.task} | seed {r.get('seed', cfg.seed)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
+              f"episodes from env seed {r['env_seed']}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}")
+    out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
+    doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
+           "best": ckpt.get("best"), "agents": rows}
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"written: {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

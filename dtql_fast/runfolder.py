@@ -23,10 +23,12 @@ CURVES = "learning_curves.png"
 CHECKPOINT = "checkpoint.pt"            # the newest checkpoint (checkpoint.py writes them)
 CHECKPOINT_PREVIOUS = "checkpoint.prev.pt"  # the one before
 CHECKPOINT_UNREADABLE = "checkpoint.unreadable.pt"  # a newest one that did not read, set aside
+TENSORBOARD = "tensorboard"  # TensorBoard event files (where the tensorboard package is installed)
+CHECKPOINT_BEST = "checkpoint.best.pt"  # the state at the best evaluation so far (best-of-run)
 
 METRIC_FILES = (METRICS, TRAIN_CSV, EVAL_CSV)
 # The files that make a folder hold a run (a new run into it is refused: train.keep_existing_run).
-RUN_FILES = (CONFIG, SUMMARY, CHECKPOINT, CHECKPOINT_PREVIOUS, *METRIC_FILES)
+RUN_FILES = (CONFIG, SUMMARY, CHECKPOINT, CHECKPOINT_PREVIOUS, CHECKPOINT_BEST, *METRIC_FILES)
 
 
 class RunFolderBusy(RuntimeError):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, compiling, divergence, footprint, runfolder
+from . import checkpoint, compiling, divergence, footprint, optional, runfolder
 from .cli import HelpFormatter
 from .curves import draw_mean_curve, mean_curve
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
@@ -214,10 +214,14 @@ class MetricLog:
 
     CSV_NAMES = {"train": runfolder.TRAIN_CSV, "eval": runfolder.EVAL_CSV}  # a row's kind -> its table
 
+    # Columns that label a row rather than measure something: not drawn as TensorBoard scalars.
+    LABELS = ("step", "epoch", "seed", "env_seed", "episodes")
+
     def __init__(self, out: Path):
         self.out = out
         self.jsonl = open(out / runfolder.METRICS, "a")
         self._csv: dict[str, tuple] = {}
+        self.tb = _tensorboard_writer(out / runfolder.TENSORBOARD)
 
     def write(self, kind: str, row: dict):
         row = {"kind": kind, **row}
@@ -236,17 +240,36 @@ class MetricLog:
         f, w = self._csv[kind]
         w.writerow(flat)
         f.flush()
+        if self.tb is not None:  # the row's numbers, already on the host: no device sync of its own
+            seed = f"/seed{row['seed']}" if "seed" in row else ""
+            for k, v in flat.items():
+                if k not in self.LABELS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{kind}/{k}{seed}", v, row["step"])
 
     def sync(self):
         """Put the rows written so far on the disk (before a checkpoint that counts on them)."""
         for f in [self.jsonl, *(f for f, _ in self._csv.values())]:
             f.flush()
             os.fsync(f.fileno())
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self):
         self.jsonl.close()
         for f, _ in self._csv.values():
             f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter on `folder`, or None where the tensorboard package is not installed
+    (pip install tensorboard; `.[test]` installs it)."""
+    if not optional.have("tensorboard"):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(folder))
 
 
 def plot_curves(out: Path):
@@ -458,11 +481,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed if group is None else group[0])
 
     # -- data --------------------------------------------------------------------------------
-    if cfg.task == OFFLINE_DATASET_ID and cfg.dataset is None:
-        loaded = build_offline_dataset(device=device)
-        loaded.task = dataclasses.replace(loaded.task, hyper=OFFLINE_DEMO_HYPER)
-    else:
-        loaded = load_dataset(cfg.task, cfg.dataset, device)
+    loaded = load_run_data(cfg, device)
     data, task = loaded.transitions, loaded.task
     check_env_widths(loaded, need_env=not cfg.no_eval)
     hyper = cfg.hyper(task.hyper)
@@ -522,17 +541,21 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
 
     ckpts = checkpoint.Schedule(out / checkpoint.FILENAME, cfg.checkpoint_every, latest, start)
 
+    best = checkpoint.Best(out / checkpoint.BEST)
+
+    def payload(step: int) -> dict:
+        state = agent.state_dict()
+        divergence.check_state(step, state)  # a diverged state never replaces a good checkpoint
+        return {"task": cfg.task, "shapes": shapes, "config": dataclasses.asdict(cfg),
+                "hyper": dataclasses.asdict(hyper), "agent": state, "step": step, "rng": _rng_state(device)}
+
     def save_checkpoint(step: int):
         if step == ckpts.saved_step:
             return
-        state = agent.state_dict()
-        divergence.check_state(step, state)  # a diverged state never replaces a good checkpoint
+        state = payload(step)
         log.sync()  # the rows this checkpoint vouches for reach the disk before it does
         try:
-            ckpts.save(step, {
-                "task": cfg.task, "shapes": shapes, "config": dataclasses.asdict(cfg),
-                "hyper": dataclasses.asdict(hyper), "agent": state, "step": step,
-                "rng": _rng_state(device)})
+            ckpts.save(step, state)
         except runfolder.CannotWrite as e:
             kept = (f"the checkpoint of step {ckpts.last_good[1]} is untouched: once fixed, resume with "
                     f"python -m dtql_fast.train --resume {out}" if ckpts.last_good else
@@ -554,6 +577,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         for row in rows:
             log.write("eval", row)
         tqdm.write(eval_message(rows, group))
+        best.offer(step, *eval_mean(rows), lambda: payload(step))
         return rows
 
     # This process's wall time, split (summary.json "time"; the report's time per task).
@@ -715,13 +739,23 @@ def progress_postfix(metrics: dict | list[dict], sps: float) -> dict:
     return {k.replace("loss_", ""): f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")} | {"it/s": f"{sps:.0f}"}
 
 
+def load_run_data(cfg: TrainConfig, device: torch.device):
+    """The dataset (and evaluation env, task, reference scores) a run trains on: its --dataset file or
+    Minari id, else the task's D4RL file; the offline Reacher demo for the default task."""
+    if cfg.task == OFFLINE_DATASET_ID and cfg.dataset is None:
+        loaded = build_offline_dataset(device=device)
+        loaded.task = dataclasses.replace(loaded.task, hyper=OFFLINE_DEMO_HYPER)
+        return loaded
+    return load_dataset(cfg.task, cfg.dataset, device)
+
+
 def env_seed(seed: int) -> int:
     """The first evaluation env's seed of agent seed `seed` (its episode j plays env_seed + j)."""
     return seed * 10_000 + 1000
 
 
 def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
-                    episodes: int, padded: bool = False) -> list[dict]:
+                    episodes: int, padded: bool = False, first_env_seed: int | None = None) -> list[dict]:
     """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
     would (env seeds s * 10000 + 1000 + j, draws from a generator seeded by s and the step); a group
     plays all its seeds' episodes in one vector env, one acting call per env step. Compiled, every
@@ -731,11 +765,22 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
     def draws(seed: int) -> torch.Generator:
         return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
+    def envs(i: int, seed: int) -> int:  # first_env_seed (python -m dtql_fast.evaluate --env-seed): other envs
+        return env_seed(seed) if first_env_seed is None else first_env_seed + 10_000 * i
+
     if cfg.seeds is None:
         act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if padded else None)
-        return [evaluate(act, loaded.make_env, episodes, seed=env_seed(cfg.seed), task=loaded.task)]
+        return [evaluate(act, loaded.make_env, episodes, seed=envs(0, cfg.seed), task=loaded.task)]
     act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.seeds], pad=padded)
-    return evaluate_group(act, loaded.make_env, episodes, [env_seed(s) for s in cfg.seeds], task=loaded.task)
+    return evaluate_group(act, loaded.make_env, episodes, [envs(i, s) for i, s in enumerate(cfg.seeds)],
+                          task=loaded.task)
+
+
+def eval_mean(rows: list[dict]) -> tuple[float, str]:
+    """An evaluation's mean over its agents: of the normalised score, or of the return where the task
+    has none; and which of the two."""
+    key = "score_mean" if all(r.get("score_mean") is not None for r in rows) else "return_mean"
+    return sum(r[key] for r in rows) / len(rows), key.removesuffix("_mean")
 
 
 def eval_rows(results: list[dict], step: int, epoch: int, group: list[int] | None) -> list[dict]:

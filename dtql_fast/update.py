@@ -222,6 +222,20 @@ class FastDTQL:
 
     # -- the step -----------------------------------------------------------------------------
 
+    def _critic_phase(self, s, a, r, s2, not_done):
+        """One Adam step of the critic (IQL); returns (loss_v, loss_q, q_mean, v_mean)."""
+        with phase("critic"):
+            g, aux = _grad(self._critic_loss, self.cp, s, a, r, s2, not_done)
+            self.critic_opt.update(g)
+        return aux
+
+    def _bc_phase(self, s, a, draws: Draws):
+        """One Adam step of the diffusion net on behaviour cloning; returns loss_bc."""
+        with phase("behaviour_cloning"):
+            g, loss_bc = _grad(self._bc_loss, self.dp, s, a, draws.sigma_bc, draws.noise_bc)
+            self.diffusion_opt.update(g)
+        return loss_bc
+
     def train_step(self, data: Transitions, draws: Draws) -> torch.Tensor:
         """One DTQL step. Returns the step's metrics as one device tensor (..., len(METRICS))."""
         h = self.hyper
@@ -229,13 +243,9 @@ class FastDTQL:
             s, a, r, s2, not_done = data.batch(draws.idx)
             self.counters += self._advance[False]
         # 1. critic (IQL), online critic
-        with phase("critic"):
-            g, (loss_v, loss_q, q_mean, v_mean) = _grad(self._critic_loss, self.cp, s, a, r, s2, not_done)
-            self.critic_opt.update(g)
+        loss_v, loss_q, q_mean, v_mean = self._critic_phase(s, a, r, s2, not_done)
         # 2. behaviour cloning
-        with phase("behaviour_cloning"):
-            g, loss_bc = _grad(self._bc_loss, self.dp, s, a, draws.sigma_bc, draws.noise_bc)
-            self.diffusion_opt.update(g)
+        loss_bc = self._bc_phase(s, a, draws)
         # 3. policy, against the critic and diffusion net as just updated
         with phase("policy"):
             g, (loss_tr, loss_pq, loss_ent, loss_pi) = _grad(
@@ -260,12 +270,8 @@ class FastDTQL:
         with phase("sample"), torch.no_grad():
             s, a, r, s2, not_done = data.batch(draws.idx)
             self.counters += self._advance[True]
-        with phase("behaviour_cloning"):
-            g, loss_bc = _grad(self._bc_loss, self.dp, s, a, draws.sigma_bc, draws.noise_bc)
-            self.diffusion_opt.update(g)
-        with phase("critic"):
-            g, (loss_v, loss_q, q_mean, v_mean) = _grad(self._critic_loss, self.cp, s, a, r, s2, not_done)
-            self.critic_opt.update(g)
+        loss_bc = self._bc_phase(s, a, draws)
+        loss_v, loss_q, q_mean, v_mean = self._critic_phase(s, a, r, s2, not_done)
         with torch.no_grad():
             zero = torch.zeros_like(loss_v)  # the policy's metrics: no policy step here
             m = torch.stack([loss_v, loss_q, loss_bc, zero, zero, zero, zero, q_mean, v_mean], dim=-1)

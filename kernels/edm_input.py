@@ -35,6 +35,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
+from ._autograd import op_function
 from ._common import check_group_shapes, launch_rows, mish_slope_tl, mish_tl, require_float32, uses_triton
 
 TIME_DIM, TIME_HIDDEN = 16, 32
@@ -285,14 +286,5 @@ def _backward(ctx, grad_z, _grad_emb, _grad_act):
 
 edm_input_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-class EdmInput(torch.autograd.Function):
-    """dtql::edm_input with the same autograd formula, in a form torch.func transforms accept
-    (the one register_autograd generates lacks setup_context: pytorch/pytorch#170834)."""
-
-    @staticmethod
-    def forward(x, s, sigma, noise, t1, t2, sigma_data):
-        return torch.ops.dtql.edm_input(x, s, sigma, noise, t1, t2, sigma_data)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+# What kernels.edm_input calls: the same formula, in a form torch.func accepts (kernels/_autograd.py).
+EdmInput = op_function("EdmInput", torch.ops.dtql.edm_input, _setup_context, _backward)

@@ -45,6 +45,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
+from ._autograd import op_function
 from ._common import check_group_shapes, require_float32, uses_triton
 
 # Elements of one (rows x actions) tile per loop iteration; up to _ONE_PROGRAM elements in all,
@@ -204,14 +205,5 @@ def _backward(ctx, grad, _grad_loss, _grad_dF, _grad_dx):
 
 edm_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-class EdmLoss(torch.autograd.Function):
-    """dtql::edm_loss with the same autograd formula, in a form torch.func transforms accept
-    (the one register_autograd generates lacks setup_context: pytorch/pytorch#170834)."""
-
-    @staticmethod
-    def forward(F, x, sigma, noise, max_action, clamp, sigma_data, weight):
-        return torch.ops.dtql.edm_loss(F, x, sigma, noise, max_action, clamp, sigma_data, weight)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+# What kernels.edm_loss calls: the same formula, in a form torch.func accepts (kernels/_autograd.py).
+EdmLoss = op_function("EdmLoss", torch.ops.dtql.edm_loss, _setup_context, _backward)

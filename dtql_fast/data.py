@@ -53,7 +53,8 @@ class RoboticsMissingError(ImportError):
 class LoadedData:
     transitions: Transitions
     task: Task
-    make_env: Callable[[], gym.Env]          # one evaluation env, observations flattened like the data
+    make_env: Callable[..., gym.Env]         # one evaluation env, observations flattened like the data
+                                             # (keywords go to gym.make, e.g. render_mode="rgb_array")
     behaviour_return: float | None           # mean undiscounted return of the data's complete episodes
     note: str = ""                           # where reference scores etc. came from, caveats
     source: str = ""                         # file path or Minari id the data was read from
@@ -184,7 +185,7 @@ def _env_problem(env_id: str | None) -> str | None:
 _ENV_KWARGS_BY_PREFIX = {"AntMaze_": {"continuing_task": False}}
 
 
-def _gym_make(env_id: str) -> gym.Env:
+def _gym_make(env_id: str, **make_kw) -> gym.Env:
     try:
         gym.spec(env_id)
     except gym.error.Error:
@@ -193,7 +194,7 @@ def _gym_make(env_id: str) -> gym.Env:
         except ImportError as e:
             raise RoboticsMissingError(_env_problem(env_id) or str(e)) from None
         gym.register_envs(gymnasium_robotics)
-    kwargs = {}
+    kwargs = dict(make_kw)  # e.g. render_mode="rgb_array" (python -m dtql_fast.evaluate --video)
     for prefix, kw in _ENV_KWARGS_BY_PREFIX.items():
         if env_id.startswith(prefix):
             kwargs.update(kw)
@@ -311,8 +312,8 @@ def load_d4rl(task: Task, dataset_path=None, device="cpu", *, download: bool = T
     state_dim, action_dim = transitions.state_dim, transitions.action_dim
     keys = task.obs_keys
 
-    def make_env() -> gym.Env:
-        return _wrap_eval_env(_gym_make(task.env_id), keys, state_dim, action_dim, task.env_id)
+    def make_env(**make_kw) -> gym.Env:
+        return _wrap_eval_env(_gym_make(task.env_id, **make_kw), keys, state_dim, action_dim, task.env_id)
 
     note = f"D4RL file {path}"
     if task.reward_shift:
@@ -436,12 +437,12 @@ def load_minari(dataset_id: str, device="cpu", *, download: bool = True) -> Load
     state_dim, action_dim = transitions.state_dim, transitions.action_dim
     env_id = getattr(ds.env_spec, "id", None)
 
-    def make_env() -> gym.Env:
+    def make_env(**make_kw) -> gym.Env:
         try:
-            env = ds.recover_environment(eval_env=True)
+            env = ds.recover_environment(eval_env=True, **make_kw)
         except (gym.error.Error, ImportError):
             try:
-                env = ds.recover_environment()
+                env = ds.recover_environment(**make_kw)
             except (gym.error.Error, ImportError):
                 problem = _env_problem(env_id)
                 if problem:

@@ -180,6 +180,52 @@ def _scores(returns: np.ndarray, lengths: np.ndarray, task) -> dict:
     return out
 
 
+# -- videos: one episode per agent, rendered offscreen ---------------------------------------------------
+
+RENDER_HELP = ("headless rendering needs EGL (MUJOCO_GL=egl, the default here; Debian: apt-get install libegl1 "
+               "libgl1-mesa-dri) or OSMesa (MUJOCO_GL=osmesa; apt-get install libosmesa6)")
+
+
+def record_episode(act_one: Callable[[np.ndarray], np.ndarray], make_env: Callable[..., gym.Env],
+                   seed: int, max_frames: int = 1000) -> tuple[list[np.ndarray], float]:
+    """One episode of env seed `seed`, acting with act_one(state (S,)) -> action (A,); its rendered frames
+    (the first after the reset) and its return."""
+    env = make_env(render_mode="rgb_array")
+    try:
+        obs, _ = env.reset(seed=seed)
+        frames, ret, done = [env.render()], 0.0, False
+        while not done and len(frames) < max_frames:
+            obs, r, term, trunc, _ = env.step(act_one(obs))
+            ret += float(r)
+            done = bool(term or trunc)
+            frames.append(env.render())
+    finally:
+        env.close()
+    return frames, ret
+
+
+def write_video(frames: list[np.ndarray], path, fps: int = 30):
+    """GIF through Pillow (always there with matplotlib); MP4 through imageio's ffmpeg plugin."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        return
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"--video {path}: give a .gif or .mp4 file")
+    if not (optional.have("imageio") and optional.have("imageio_ffmpeg")):
+        raise ValueError(f"--video {path}: MP4 needs imageio and imageio-ffmpeg (pip install imageio "
+                         "imageio-ffmpeg); or write a .gif")
+    import imageio
+
+    imageio.mimwrite(path, frames, fps=fps)
+
+
 # -- python -m dtql_fast.evaluate RUN: a trained run evaluated again -----------------------------------
 
 
@@ -208,7 +254,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--agents", metavar="SEEDS", help="of a seed group, these seeds only (e.g. 0,2); default all")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", metavar="PATH", help="default: RUN/evaluation-<checkpoint>-step<N>.json")
+    p.add_argument("--video", metavar="FILE", help="also record one episode per agent (the first env seed's) to "
+                   "FILE (.gif, or .mp4 with imageio-ffmpeg); a group writes FILE-seed<k>.gif per agent")
     a = p.parse_args(argv)
+    if a.video:
+        import os
+
+        os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo loads: offscreen, no display needed
+        if Path(a.video).suffix.lower() not in (".gif", ".mp4"):
+            p.error(f"--video {a.video}: give a .gif or .mp4 file")
     if a.episodes is not None and a.episodes < 1:
         p.error(f"--episodes {a.episodes}: takes >= 1")
     run = Path(a.run)
@@ -250,9 +304,49 @@ def main(argv=None) -> list[dict]:
     out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
            "best": ckpt.get("best"), "agents": rows}
+    if a.video:
+        doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, keep, rows, Path(a.video))
     out.write_text(json.dumps(doc, indent=2))
     print(f"written: {out}")
     return rows
+
+
+def record_videos(agent, loaded, hyper, device, cfg, step: int, keep: list[int], rows: list[dict], video) -> list[dict]:
+    """One episode per agent in `keep`, acting as evaluation does (its generator seeded by the seed and the
+    step), from that agent's first evaluation env seed; written to `video` (one file per agent of a group)."""
+    A, R = loaded.transitions.action_dim, hyper.num_candidates
+    seeds = list(cfg.seeds) if cfg.seeds is not None else None
+    done = []
+    for row in rows:
+        seed = row.get("seed", cfg.seed)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+        if seeds is None:
+            act = make_act_fn(agent.act, A, R, device, gen)
+            act_one = lambda o: act(torch.as_tensor(o, dtype=torch.float32)[None])[0].cpu().numpy()  # noqa: E731
+        else:  # the group's acting rule, with only this agent's env live
+            i = seeds.index(seed)
+            gens = [gen if j == i else torch.Generator(device).manual_seed(0) for j in range(len(seeds))]
+            act_g = make_group_act_fn(agent.act, A, R, device, gens)
+            live = torch.zeros(len(seeds), 1, dtype=torch.bool)
+            live[i] = True
+
+            def act_one(o, i=i, act_g=act_g, live=live):
+                states = torch.zeros(len(seeds), 1, len(o))
+                states[i, 0] = torch.as_tensor(o, dtype=torch.float32)
+                return act_g(states, live)[i, 0].cpu().numpy()
+        try:
+            frames, ret = record_episode(act_one, loaded.make_env, row["env_seed"])
+        except Exception as e:  # noqa: BLE001 - a missing GL backend shows up as many exception types
+            raise SystemExit(f"error: --video: rendering failed ({type(e).__name__}: {e}); {RENDER_HELP}. "
+                             "Evaluation itself works without --video") from None
+        path = video if seeds is None else video.with_name(f"{video.stem}-seed{seed}{video.suffix}")
+        try:
+            write_video(frames, path)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"video: seed {seed}, env seed {row['env_seed']}: {len(frames)} frames, return {ret:.2f} -> {path}")
+        done.append({"seed": seed, "env_seed": row["env_seed"], "frames": len(frames), "return": ret, "path": str(path)})
+    return done
 
 
 if __name__ == "__main__":

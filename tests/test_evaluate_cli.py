@@ -77,6 +77,30 @@ def test_one_agent_of_a_group(tmp_path):
     with pytest.raises(SystemExit, match=r"--agents 5: the run trains seeds \[0, 1, 2\], not \[5\]"):
         evaluate.main([str(run), "--agents", "5"])
 
+    # A video of one episode of that agent, rendered offscreen (MUJOCO_GL=egl): the episode its
+    # one-episode evaluation plays, frame for frame.
+    rows = evaluate.main([str(run), "--agents", "2", "--episodes", "1", "--video", str(tmp_path / "v.gif")])
+    from PIL import Image
+
+    gif = tmp_path / "v-seed2.gif"
+    doc = json.loads((run / f"evaluation-last-step{rows[0]['step']}.json").read_text())
+    (video,) = doc["videos"]
+    assert video["return"] == pytest.approx(rows[0]["returns"][0], abs=1e-9)
+    assert Image.open(gif).n_frames == video["frames"] == rows[0]["lengths"][0] + 1
+
+
+def test_video_of_one_agent(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(parse_args([*TINY, "--epochs", "1", "--seed", "4", "--out", str(run)]))
+    rows = evaluate.main([str(run), "--episodes", "1", "--video", str(tmp_path / "one.gif")])
+    from PIL import Image
+
+    frames = Image.open(tmp_path / "one.gif")
+    assert frames.n_frames == rows[0]["lengths"][0] + 1 and frames.size == (480, 480)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--video", str(tmp_path / "one.avi")])
+    assert e.value.code == 2 and "--video " in capsys.readouterr().err
+
 
 def test_what_cannot_be_evaluated_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at .*checkpoint.pt"):

@@ -1,0 +1,159 @@
+"""Where the compiled training step's time goes on a CPU: matmuls, the optimizers, other fused kernels,
+the compiled graph's Python wrapper, dynamo's guards, and the rest.
+
+    python -m dtql_fast.profiling.breakdown --task walker2d-medium-v2 --threads 1 --json out.json
+    python -m dtql_fast.profiling.breakdown --threads 1,2      # one table per thread count
+
+The step is the bench's "compile" variant (profiling.variants.Variant), its C++ kernels made visible to
+torch.profiler (inductor's cpp.enable_kernel_profile). After warm-up, `--steps` steps are timed without
+the profiler (the step time), then the same number run under it (the split). Categories, from the
+profiler's self times per step:
+- matmul: aten::mm / addmm / bmm / baddbmm (inductor calls them as extern kernels);
+- optimizer: the fused kernels of the Adam and target updates (inductor names them `..._foreach_...`);
+- elementwise: every other fused C++ kernel;
+- wrapper: the compiled graph's Python wrapper calling the kernels one by one (`Call CompiledFxGraph`, self);
+- guards: dynamo's check of the step's inputs before each call (`TorchDynamo Cache Lookup`);
+- other: the rest of the profiled time.
+The matmul ceiling is measured in the same run: square fp32 matmuls at the step's hidden width, the
+best of several timings; the step's matmul FLOPs over it is the time a step would take at the ceiling.
+Profiler self times add overhead of their own: the split is a guide, the untimed step time the measure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, resolve_task, synthetic_transitions
+from dtql_fast.reference import ReferenceDTQL
+from dtql_fast.tasks import TASKS
+
+CATEGORIES = ("matmul", "optimizer", "elementwise", "wrapper", "guards", "other")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def category(name: str) -> str | None:
+    """The category of a profiler event by its name; None for the events that only hold others."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "cpp_fused" in name:
+        return "optimizer" if "_foreach_" in name else "elementwise"
+    if name.startswith("## Call CompiledFxGraph"):
+        return "wrapper"
+    if name == "TorchDynamo Cache Lookup":
+        return "guards"
+    return "other"
+
+
+def split(events, steps: int) -> dict[str, float]:
+    """ms per step by category, from key_averages() rows (their self CPU time)."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for e in events:
+        out[category(e.key)] += e.self_cpu_time_total / 1e3 / steps
+    return out
+
+
+def matmul_ceiling_gflops(n: int, reps: int = 50) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(5):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best / 1e9
+
+
+def matmul_flops(step) -> int:
+    with FlopCounterMode(display=False) as fc:
+        step()
+    counts = fc.get_flop_counts().get("Global", {})
+    return int(sum(v for k, v in counts.items() if str(k).split(".")[-1] in ("mm", "addmm", "bmm", "baddbmm")))
+
+
+def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None = None,
+            hidden: int | None = None, rows: int = 100_000) -> dict:
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+    hyper = TASKS[task].hyper
+    hyper = hyper.replace(**{k: v for k, v in (("batch_size", batch), ("hidden", hidden)) if v})
+    S, A = SHAPES[task.split("-")[0]]
+    device = torch.device("cpu")
+    data = synthetic_transitions(S, A, rows, 0, device, hyper.max_action)
+    draws = make_draws(data.n, hyper, A, warmup + 2 * steps + 1, 1, device)
+    torch.manual_seed(0)
+    v = Variant("compile", ReferenceDTQL(S, A, hyper, device), data, hyper, draws, device)
+    t0 = time.perf_counter()
+    v.step(draws[0])
+    compile_s = time.perf_counter() - t0
+    for d in draws[1:warmup]:
+        v.step(d)
+    times = []
+    for d in draws[warmup:warmup + steps]:
+        t0 = time.perf_counter()
+        v.step(d)
+        times.append((time.perf_counter() - t0) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for d in draws[warmup + steps:warmup + 2 * steps]:
+            v.step(d)
+    parts = split(prof.key_averages(), steps)
+    flops = matmul_flops(lambda: v.eager_step(draws[-1]))  # the same matmuls; a dispatch mode cannot enter the compiled step
+    ceiling = matmul_ceiling_gflops(hyper.hidden)
+    step_ms = statistics.median(times)
+    at_ceiling_ms = flops / ceiling / 1e6
+    return {"task": task, "threads": threads, "batch_size": hyper.batch_size, "hidden": hyper.hidden,
+            "steps": steps, "compile_s": round(compile_s, 1), "step_ms_median": step_ms, "step_ms_all": times,
+            "profiled_ms_per_step": sum(parts.values()), "split_ms": parts, "matmul_gflop_per_step": flops / 1e9,
+            "matmul_ceiling_gflops": ceiling, "matmul_at_ceiling_ms": at_ceiling_ms,
+            "step_over_matmul_at_ceiling": step_ms / at_ceiling_ms,
+            "matmul_gflops_in_step": flops / 1e9 / (parts["matmul"] / 1e3) if parts["matmul"] else None}
+
+
+def format_row(r: dict) -> str:
+    parts = r["split_ms"]
+    total = r["profiled_ms_per_step"]
+    cells = " | ".join(f"{parts[c]:.2f} ({100 * parts[c] / total:.0f}%)" for c in CATEGORIES)
+    return (f"| {r['threads']} | {r['step_ms_median']:.2f} | {total:.2f} | {cells} | {r['matmul_gflop_per_step']:.2f} | "
+            f"{r['matmul_ceiling_gflops']:.0f} | {r['matmul_at_ceiling_ms']:.2f} | {r['step_over_matmul_at_ceiling']:.2f}x |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dtql_fast.profiling.breakdown", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--task", default="walker2d-medium-v2", help="a task of the table, or a family (walker2d, antmaze)")
+    p.add_argument("--threads", default="1", help="comma-separated torch thread counts, e.g. 1,2")
+    p.add_argument("--steps", type=int, default=20, help="steps timed, and as many profiled")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None, help="override the hidden width (256)")
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    task = resolve_task(a.task)
+    rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden) for t in a.threads.split(",")]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    print(f"# compiled step of {task} (batch {rows[0]['batch_size']}, hidden {rows[0]['hidden']}) on {cpu}; "
+          f"ms per step, median of {a.steps} unprofiled steps, then the profiler's split of {a.steps} more")
+    print("| threads | step ms | profiled ms | " + " | ".join(CATEGORIES) + " | matmul GFLOP/step | GEMM ceiling "
+          "GFLOP/s | matmul at ceiling ms | step / that |")
+    print("|" + "---|" * (len(CATEGORIES) + 7))
+    for r in rows:
+        print(format_row(r))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"cpu": cpu, "command": " ".join([sys.executable, "-m",
+                                            "dtql_fast.profiling.breakdown", *(argv or sys.argv[1:])]),
+                                            "rows": rows}, indent=1))
+        print(f"# wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         # The tests run sweeps on a local Ray (no dashboard needed); `sweep` adds Ray's dashboard.
-        "test": ["pytest", "ray==2.60.0", "tensorboard"],
+        "test": ["pytest", "ray==2.60.0", "tensorboard", "wandb"],
         "tensorboard": ["tensorboard"],
+        "track": ["wandb"],
         "sweep": ["ray[default]==2.60.0"],
         "robotics": ["gymnasium-robotics>=1.2"],
         "hf": ["minari[hf]"],

@@ -23,12 +23,13 @@ import torch
 
 # The file names are the run folder's (runfolder.py), under the names this module has always used.
 from .runfolder import CHECKPOINT as FILENAME
-from .runfolder import CHECKPOINT_BEST as BEST
+from .runfolder import CHECKPOINT_BEST
 from .runfolder import CHECKPOINT_PREVIOUS as PREVIOUS
 from .runfolder import CHECKPOINT_UNREADABLE as UNREADABLE
 from .runfolder import cannot_write, write_fault
 
 FORMAT = 1
+BEST = CHECKPOINT_BEST  # checkpoint.best.pt (Best below)
 _TEMP_PREFIX, _TEMP_SUFFIX = ".ckpt-", ".tmp"
 
 

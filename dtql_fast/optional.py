@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib.util
 
 INSTALL = {"gymnasium": 'pip install "gymnasium[mujoco]"', "mujoco": "pip install mujoco",
-           "minari": "pip install minari", "ray": 'pip install "ray==2.60.0"', "nvtx": "pip install nvtx"}
+           "minari": "pip install minari", "ray": 'pip install "ray==2.60.0"', "nvtx": "pip install nvtx",
+           "tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
 
 
 def have(name: str) -> bool:

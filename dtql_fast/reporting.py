@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import optional, runfolder
+from . import runfolder
 from .curves import draw_mean_curve, mean_curve
 from .seeds import format_seeds
 
@@ -30,14 +30,11 @@ class MetricLog:
 
     CSV_NAMES = {"train": runfolder.TRAIN_CSV, "eval": runfolder.EVAL_CSV}  # a row's kind -> its table
 
-    # Columns that label a row rather than measure something: not drawn as TensorBoard scalars.
-    LABELS = ("step", "epoch", "seed", "env_seed", "episodes")
-
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, trackers: list | None = None):
         self.out = out
         self.jsonl = open(out / runfolder.METRICS, "a")
         self._csv: dict[str, tuple] = {}
-        self.tb = _tensorboard_writer(out / runfolder.TENSORBOARD)
+        self.trackers = trackers or []  # tracking.py: TensorBoard, W&B
 
     def write(self, kind: str, row: dict):
         row = {"kind": kind, **row}
@@ -56,36 +53,23 @@ class MetricLog:
         f, w = self._csv[kind]
         w.writerow(flat)
         f.flush()
-        if self.tb is not None:  # the row's numbers, already on the host: no device sync of its own
-            seed = f"/seed{row['seed']}" if "seed" in row else ""
-            for k, v in flat.items():
-                if k not in self.LABELS and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{kind}/{k}{seed}", v, row["step"])
+        for t in self.trackers:  # the row's numbers, already on the host: no device sync of their own
+            t.write(kind, flat)
 
     def sync(self):
         """Put the rows written so far on the disk (before a checkpoint that counts on them)."""
         for f in [self.jsonl, *(f for f, _ in self._csv.values())]:
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            self.tb.flush()
+        for t in self.trackers:
+            t.flush()
 
     def close(self):
         self.jsonl.close()
         for f, _ in self._csv.values():
             f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _tensorboard_writer(folder: Path):
-    """A TensorBoard SummaryWriter on `folder`, or None where the tensorboard package is not installed
-    (pip install tensorboard; `.[test]` installs it)."""
-    if not optional.have("tensorboard"):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(folder))
+        for t in self.trackers:
+            t.close()
 
 
 # -- one seed or a group: the rows, messages and summary that differ ----------------------------------------

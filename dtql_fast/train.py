@@ -1,4 +1,5 @@
 """python -m dtql_fast.train: config -> data -> agent -> loop (progress, metrics, eval, checkpoints).
+_train reads top to bottom in that order; what a run prints and writes about itself is reporting.py's.
 
 With no arguments it builds a small Reacher dataset offline, trains on it and prints the scores.
 `--seeds 0-4` trains a group of independent agents in one process, one step for all of them
@@ -7,14 +8,10 @@ With no arguments it builds a small Reacher dataset offline, trains on it and pr
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
-import os
-import platform
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -24,16 +21,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, compiling, divergence, footprint, optional, runfolder
+from . import checkpoint, compiling, divergence, footprint, reporting, runfolder, tracking
 from .cli import HelpFormatter
-from .curves import draw_mean_curve, mean_curve
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
 from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from .ranges import ProfileWindow, parse_window, phase
+# What a run prints and writes about itself (rows, messages, summary.json's parts, the plot) is reporting.py's.
+from .reporting import (MetricLog, eval_mean, eval_message, eval_rows, eval_summary, final_message, plot_curves,
+                        progress_postfix, run_time, start_message, train_rows)
 from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
 from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
 from .transitions import DatasetError
 from .update import FastDTQL, StepRunner
+
+# Still importable from here, where they were before reporting.py (profiling.gpu_check imports hardware).
+hardware, over_seeds = reporting.hardware, reporting.over_seeds
 
 
 @dataclass
@@ -54,6 +56,10 @@ class TrainConfig:
     profile_steps: str | None = None
     no_eval: bool = False
     overwrite: bool = False            # a run already in --out is moved aside (never deleted)
+    track: bool = False                # also log to Weights & Biases (tracking.py)
+    wandb_project: str = "dtql_fast"
+    wandb_entity: str | None = None
+    wandb_mode: str = "online"         # offline: written under the run folder, `wandb sync` uploads it
     # schedule and algorithm overrides (None: the task's table value)
     epochs: int | None = None
     steps_per_epoch: int | None = None
@@ -75,7 +81,8 @@ class TrainConfig:
 
 # Flags that say where and how fast a run goes, not what it computes (sweep.py compares the rest
 # between invocations of a sweep).
-RUNTIME_FIELDS = ("device", "threads", "compile", "kernels", "profile_steps", "log_every", "checkpoint_every")
+RUNTIME_FIELDS = ("device", "threads", "compile", "kernels", "profile_steps", "log_every", "checkpoint_every",
+                  "track", "wandb_project", "wandb_entity", "wandb_mode")
 # What a resume may change besides those: how long it runs and how it is evaluated. Everything else
 # is the run's identity, fixed by its checkpoint: a resume giving another value is refused.
 RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("epochs", "eval_every", "eval_episodes", "no_eval")
@@ -181,6 +188,12 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--profile-steps", metavar="A:B",
                    help="profile steps A..B-1: cudaProfilerStart/Stop on CUDA (for nsys "
                         "--capture-range=cudaProfilerApi), a torch.profiler Chrome trace on CPU")
+    w = p.add_argument_group("tracking (TensorBoard event files are written wherever tensorboard is installed)")
+    w.add_argument("--track", action="store_true", help="also log every metric row to Weights & Biases")
+    w.add_argument("--wandb-project", default="dtql_fast")
+    w.add_argument("--wandb-entity")
+    w.add_argument("--wandb-mode", choices=["online", "offline"], default="online",
+                   help="offline: no network, the run is kept in <out>/wandb for `wandb sync`")
     h = p.add_argument_group("algorithm overrides (default: the task's table)")
     h.add_argument("--alpha", type=float, help="trust-region weight")
     h.add_argument("--gamma", type=float, help="entropy-term weight")
@@ -358,7 +371,366 @@ def resumed_config(cli: TrainConfig, saved: TrainConfig, saved_hyper: dict, out:
     return cfg, changed
 
 
-#@@TRAIN@@
+def _train(cfg: TrainConfig, out: Path) -> dict:
+    """The run in the algorithm's order: resume, data, agent, then the loop (a step; its metric row, evaluation
+    and checkpoint when due), then the summary. Run (below) holds the state the loop reads and changes."""
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg, latest = resume_from(cfg, out, device)  # latest: the checkpoint continued, None for a new run
+    group = cfg.seeds  # None: one agent
+    # The stream of batches and draws; a group's seeds draw their initial weights under their own seeds.
+    torch.manual_seed(cfg.seed if group is None else group[0])
+    loaded, hyper = load_checked_data(cfg, device)
+    agent = build_agent(cfg, loaded.transitions, hyper, device)
+    start, kept_rows = load_agent_state(agent, latest, cfg, out, device)
+    checkpoint.remove_partial(out)
+    run = Run(cfg, out, device, loaded, hyper, agent, latest, start)  # writes config.json, prints the first line
+
+    # Resumed where a run ended: its final evaluation is already in the kept rows.
+    last_eval = list({r.get("seed"): r for r in kept_rows if r.get("kind") == "eval" and r["step"] == start}.values())
+    last_eval = last_eval or None
+    step = start
+    stop = StopAtStepEnd().install()  # uninstalled in the finally: below
+    try:
+        while step < run.total and stop.signum is None:
+            pretrain = step < run.pre_total
+            run.profile.before(step)
+            seconds = run.step(pretrain)
+            run.choose_compile(step, seconds)  # the automatic choice, once, from timed eager steps
+            run.profile.after(step)
+            step += 1
+            run.count(step)  # the progress bar, the log interval's steps
+            if run.should_log(step):
+                run.log_metrics(step, pretrain)
+            evaluating = run.should_evaluate(step)
+            if evaluating:
+                last_eval = run.evaluate(step)
+            if evaluating or step == run.total or run.ckpts.due():  # and every --checkpoint-every minutes
+                run.ckpts.save(step)
+        run.bar.close()
+        run.ckpts.save(step)  # at the end, or where a stop was asked for
+    except KeyboardInterrupt:  # a second Ctrl-C, maybe mid-step: the state may be half updated
+        run.bar.close()
+        run.log.close()
+        last_good = run.ckpts.last_good
+        hint = (f"resume from step {last_good[1]} with: python -m dtql_fast.train --resume {out}"
+                if last_good else "none was written before")
+        print(f"\ninterrupted at step {step} without a checkpoint; {hint}")
+        raise SystemExit(130)
+    except divergence.Diverged as e:
+        run.bar.close()
+        run.log.close()
+        e.kept = divergence.what_is_kept(run.ckpts.last_good)
+        raise
+    except Exception:  # the error message goes below the bar, not into its line
+        run.bar.close()
+        raise
+    finally:
+        stop.uninstall()
+        run.profile.close()
+    if stop.signum is not None:
+        print(f"\nstopped at step {step} ({signal.Signals(stop.signum).name}); checkpoint saved. Resume with: "
+              f"python -m dtql_fast.train --resume {out}")
+        run.log.close()
+        raise SystemExit(128 + stop.signum)
+    if last_eval is None and not cfg.no_eval:
+        last_eval = run.evaluate(step)
+    run.log.close()
+    plot_curves(out)
+    return run.write_summary(step, last_eval)
+
+
+# -- before the first step: resume, data, agent ------------------------------------------------------------
+
+
+def resume_from(cfg: TrainConfig, out: Path, device: torch.device) -> tuple[TrainConfig, checkpoint.Latest | None]:
+    """The run's config and the checkpoint it continues. --resume: the newest checkpoint that reads, and its
+    config with what a resume may change taken from the command (the rest refused when it differs). A new
+    run: None, and the command's config (seed 0 when it names none)."""
+    if not cfg.resume:
+        return (dataclasses.replace(cfg, seed=0) if cfg.seeds is None and cfg.seed is None else cfg), None
+    latest = checkpoint.load_latest(cfg.resume, map_location=device)
+    resumed = latest.ckpt
+    if latest.note:
+        print(f"note: {latest.note}")
+    saved = TrainConfig(**resumed["config"])
+    if cfg.task != TrainConfig.task and cfg.task != saved.task:
+        checkpoint.check_compatible(resumed, cfg.task, {}, where=f"checkpoint in {cfg.resume}")
+    check_resumed_seeds(cfg, saved, where=f"checkpoint {latest.path}")
+    # The run's identity comes from the checkpoint; where, how fast and how long it runs from the CLI.
+    cfg, changed = resumed_config(cfg, saved, resumed.get("hyper", {}), out, where=f"checkpoint {latest.path}")
+    if changed:
+        print("resume changes: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+    return cfg, latest
+
+
+def load_checked_data(cfg: TrainConfig, device: torch.device):
+    """The run's data (load_run_data), its widths checked against the evaluation env's, and the run's
+    hyperparameters (the task's table with the command's overrides). Refused when evaluation cannot run."""
+    loaded = load_run_data(cfg, device)
+    check_env_widths(loaded, need_env=not cfg.no_eval)
+    hyper = cfg.hyper(loaded.task.hyper)
+    if cfg.no_eval is False and loaded.env_problem:
+        raise SystemExit(f"error: evaluation for {cfg.task} cannot run: {loaded.env_problem} "
+                         "(or pass --no-eval)")
+    return loaded, hyper
+
+
+def kernels_of(cfg: TrainConfig, device: torch.device) -> str:
+    """--kernels, auto resolved: the fused Triton kernels on CUDA, the PyTorch formula on a CPU."""
+    return cfg.kernels if cfg.kernels != "auto" else ("triton" if device.type == "cuda" else "torch")
+
+
+def net_shapes(agent: FastDTQL) -> dict:
+    """The network shapes a checkpoint records, and a resume must match."""
+    return {"state_dim": agent.state_dim, "action_dim": agent.action_dim, "hidden": agent.hyper.hidden,
+            "noise_levels": agent.hyper.noise_levels}
+
+
+def build_agent(cfg: TrainConfig, data, hyper: Hyper, device: torch.device) -> FastDTQL:
+    """The agent (a seed group's, one step for all), its initial weights drawn here; a group too large for
+    the device refused before it is built."""
+    group = cfg.seeds
+    if group is not None:  # one agent's weights tell what the group needs, before the group is built
+        one = FastDTQL(data.state_dim, data.action_dim, hyper, "cpu")
+        footprint.check_group_fits(len(group), footprint.weight_bytes_of(one.params()), hyper.batch_size,
+                                   hyper.hidden, device)
+        del one
+    return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=group)
+
+
+def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: TrainConfig, out: Path,
+                     device: torch.device) -> tuple[int, list[dict]]:
+    """A resumed run's agent and RNG state from its checkpoint, and its metric rows trimmed back to the
+    checkpoint's step. Returns (the step to start from, the rows kept); (0, []) for a new run."""
+    if latest is None:
+        return 0, []
+    resumed = latest.ckpt
+    checkpoint.check_compatible(resumed, cfg.task, net_shapes(agent), where=f"checkpoint in {latest.path}")
+    agent.load_state_dict(resumed["agent"])
+    _set_rng_state(resumed["rng"], device)
+    start = resumed["step"]
+    kept_rows = runfolder.trim_metrics(out, start)  # the rows past it are about to be written again
+    return start, kept_rows
+
+
+# -- the loop's state and steps ------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """A run's checkpoints: checkpoint.pt when the loop saves (at evaluations, at the end, where a stop was
+    asked for, every --checkpoint-every minutes: checkpoint.Schedule, the one before kept), and
+    checkpoint.best.pt at an evaluation that beats the run's best (checkpoint.Best)."""
+
+    def __init__(self, out: Path, every_minutes: float, latest: checkpoint.Latest | None, start: int,
+                 payload, log: MetricLog):
+        self.out, self._payload, self._log = out, payload, log
+        self.schedule = checkpoint.Schedule(out / checkpoint.FILENAME, every_minutes, latest, start)
+        self.best = checkpoint.Best(out / checkpoint.BEST)
+
+    @property
+    def last_good(self) -> tuple[Path, int] | None:
+        """(file, step) of the newest checkpoint known good; None when there is none."""
+        return self.schedule.last_good
+
+    def due(self) -> bool:
+        """--checkpoint-every minutes have passed since the last save."""
+        return self.schedule.due()
+
+    def save(self, step: int):
+        """checkpoint.pt at `step` (nothing when it holds that step already). A diverged state is refused
+        (divergence.Diverged); a write that fails says which checkpoint is untouched (runfolder.CannotWrite)."""
+        if step == self.schedule.saved_step:
+            return
+        state = self._payload(step)
+        self._log.sync()  # the rows this checkpoint vouches for reach the disk before it does
+        try:
+            self.schedule.save(step, state)
+        except runfolder.CannotWrite as e:
+            last_good = self.schedule.last_good
+            kept = (f"the checkpoint of step {last_good[1]} is untouched: once fixed, resume with "
+                    f"python -m dtql_fast.train --resume {self.out}" if last_good else
+                    "no checkpoint was written before it")
+            raise runfolder.CannotWrite(f"{e}; {kept}") from None
+
+    def offer_best(self, step: int, rows: list[dict]):
+        """checkpoint.best.pt at `step` when this evaluation's mean over the agents beats the run's best."""
+        self.best.offer(step, *eval_mean(rows), lambda: self._payload(step))
+
+
+class Run:
+    """One run from its first step to its summary: the state the loop in _train reads and changes, and the
+    loop's steps as methods. The step runs eager or compiled (`choice`; on CUDA compiled runs as a CUDA graph);
+    should_log and should_evaluate say when a step's end writes a metric row or evaluates; `ckpts` saves."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, loaded, hyper: Hyper, agent: FastDTQL,
+                 latest: checkpoint.Latest | None, start: int):
+        self.cfg, self.out, self.device, self.loaded, self.hyper, self.agent = cfg, out, device, loaded, hyper, agent
+        self.data, self.group, self.start = loaded.transitions, cfg.seeds, start  # group None: one agent
+        self.kernels = kernels_of(cfg, device)
+        self.eval_episodes = cfg.eval_episodes or loaded.task.eval_episodes
+        self.spe = hyper.steps_per_epoch
+        self.pre_total, self.total = hyper.pretrain_epochs * self.spe, hyper.run_steps
+        self.choice = compiling.initial(cfg.compile, device)  # compile or not; None: decided after timing eager steps
+        self.cache = compiling.use_cache() if self.choice.compile is not False else None
+        self.runners: dict[bool, StepRunner] = {}
+
+        try:
+            trackers = tracking.open_trackers(out, cfg.track, dataclasses.asdict(cfg), cfg.wandb_project,
+                                              cfg.wandb_entity, cfg.wandb_mode, name=out.name)
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
+        self.log = MetricLog(out, trackers)
+        (out / runfolder.CONFIG).write_text(json.dumps({"config": dataclasses.asdict(cfg),
+                                                        "hyper": dataclasses.asdict(hyper),
+                                                        "task": cfg.task, "source": loaded.source}, indent=2))
+        print(start_message(cfg.task, cfg.seed, self.group, self.data, device,
+                            self.mode() if self.choice.compile is not None else "auto", self.choice.why,
+                            self.kernels, out))
+        if loaded.note:
+            print(f"note: {loaded.note}")
+
+        self.ckpts = Checkpointer(out, cfg.checkpoint_every, latest, start, self.payload, self.log)
+        self.act_rule = self.acting()
+        # This process's wall time, split (summary.json "time"; the report's time per task).
+        self.clock = {"start": time.perf_counter(), "compile_s": 0.0, "eval_s": 0.0, "first_step": start}
+        self.graphs_before = _compiled_graphs()
+        self.profile = ProfileWindow(cfg.profile_steps, device, out)
+        self.bar = tqdm(total=self.total, initial=start, desc="pretrain" if start < self.pre_total else "train",
+                        dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+        self.t_log, self.steps_since = time.perf_counter(), 0
+        self.compile_reported = set()
+        self.timed, self.t_timed = 0, 0.0  # eager steps timed for the automatic choice
+        self.weights = divergence.WeightWatch(agent.params(), seeds=self.group)
+
+    # -- the step: eager or compiled -------------------------------------------------------------------------
+
+    def mode(self) -> str:
+        return "eager" if not self.choice.compile else ("cudagraph" if self.device.type == "cuda" else "compile")
+
+    def runner(self, pretrain: bool) -> StepRunner:
+        if pretrain not in self.runners:
+            self.runners[pretrain] = StepRunner(self.agent, self.data, mode=self.mode(), pretrain=pretrain)
+        return self.runners[pretrain]
+
+    def signature(self, pretrain: bool) -> str:  # what a compiled step is cached by, beside its graph
+        data, hyper, group = self.data, self.hyper, self.group
+        return (f"{self.device.type}|S{data.state_dim}|A{data.action_dim}|B{hyper.batch_size}|K{hyper.noise_levels}|"
+                f"H{hyper.hidden}|N{len(group) if group else 0}|{self.kernels}|{'pretrain' if pretrain else 'train'}")
+
+    def acting(self):
+        return torch.compile(self.agent.act, fullgraph=True) if self.choice.compile else self.agent.act
+
+    def step(self, pretrain: bool) -> float:
+        """One pretraining or training step; its wall seconds. A step's first compiled call compiles it:
+        the time is printed (warm from the cache or cold), remembered in the cache, and counted apart."""
+        run = self.runner(pretrain)
+        first_compiled = bool(self.choice.compile) and pretrain not in self.compile_reported
+        hits = compiling.cache_hits() if first_compiled else 0
+        t_step = time.perf_counter()
+        run()
+        t_step = time.perf_counter() - t_step
+        if run.compile_seconds and pretrain not in self.compile_reported:
+            self.compile_reported.add(pretrain)
+            warm = compiling.cache_hits() > hits
+            tqdm.write(f"compiled the {'pretraining' if pretrain else 'training'} step in "
+                       f"{run.compile_seconds:.1f}s ({'warm: from' if warm else 'cold; kept for the next run in'} "
+                       f"{self.cache})")
+            compiling.remember(self.cache, self.signature(pretrain), run.compile_seconds)
+            self.clock["compile_s"] += run.compile_seconds
+        return t_step
+
+    def choose_compile(self, step: int, seconds: float):
+        """Neither --compile nor --no-compile on a CPU: past SKIP_STEPS warm-up steps, time MEASURE_STEPS eager
+        steps (`seconds`: step `step`'s), then compile the rest of the run where it pays (compiling.decide)."""
+        if self.choice.compile is not None or step - self.start < compiling.SKIP_STEPS:
+            return
+        self.timed, self.t_timed = self.timed + 1, self.t_timed + seconds
+        if self.timed == compiling.MEASURE_STEPS:
+            phases = [True, False] if step + 1 < self.pre_total else [False]  # graphs still to compile
+            self.choice = compiling.decide(self.t_timed / self.timed, self.total - step - 1, len(phases),
+                                           all(compiling.compiled_before(self.cache, self.signature(p))
+                                               for p in phases))
+            tqdm.write(f"step: {'compiled' if self.choice.compile else 'eager'} for the rest of the run: "
+                       f"{self.choice.why}")
+            if self.choice.compile:
+                self.runners.clear()
+                self.act_rule = self.acting()
+
+    def count(self, step: int):
+        """Step `step` done: the progress bar moves (its label at the end of pretraining)."""
+        self.steps_since += 1
+        self.bar.update(1)
+        if step == self.pre_total:
+            self.bar.set_description("train")
+
+    # -- when a step's end writes ----------------------------------------------------------------------------
+
+    def should_log(self, step: int) -> bool:
+        """A metric row every --log-every steps, and where pretraining or training ends."""
+        return step % self.cfg.log_every == 0 or step == self.pre_total or step == self.total
+
+    def should_evaluate(self, step: int) -> bool:
+        """At the end of every --eval-every-th training epoch, and of the last one (never with --no-eval)."""
+        if self.cfg.no_eval or step <= self.pre_total or (step - self.pre_total) % self.spe != 0:
+            return False
+        epoch = (step - self.pre_total) // self.spe
+        return epoch % self.hyper.eval_every == 0 or step == self.total
+
+    # -- what it writes --------------------------------------------------------------------------------------
+
+    def log_metrics(self, step: int, pretrain: bool):
+        """The log interval's metric rows and the progress bar's losses; a diverged row stops the run."""
+        weight_max = self.weights.queue()  # done by the time the read below has waited for the step
+        m = self.agent.read_metrics(pretrain=pretrain)
+        now = time.perf_counter()
+        sps = self.steps_since / (now - self.t_log)
+        self.t_log, self.steps_since = now, 0
+        for row in train_rows(step, pretrain, sps, m, self.agent.lrs(), self.group):
+            self.log.write("train", row)
+        self.bar.set_postfix(progress_postfix(m, sps))
+        divergence.check_log_row(step, m, weight_max, seeds=self.group)
+
+    def evaluate(self, step: int) -> list[dict]:
+        """Every agent evaluated; its rows written and printed, the best checkpoint offered. Returns the rows."""
+        t0 = time.perf_counter()
+        with phase("evaluate"):
+            results = evaluate_agents(self.act_rule, self.loaded, self.hyper, self.device, self.cfg, step,
+                                      self.eval_episodes, padded=bool(self.choice.compile))
+        self.clock["eval_s"] += time.perf_counter() - t0
+        rows = eval_rows(results, step, (step - self.pre_total) // self.spe, self.group)
+        for row in rows:
+            self.log.write("eval", row)
+        tqdm.write(eval_message(rows, self.group))
+        self.ckpts.offer_best(step, rows)
+        return rows
+
+    def payload(self, step: int) -> dict:
+        """What a checkpoint holds: everything an exact resume needs."""
+        state = self.agent.state_dict()
+        divergence.check_state(step, state)  # a diverged state never replaces a good checkpoint
+        return {"task": self.cfg.task, "shapes": net_shapes(self.agent), "config": dataclasses.asdict(self.cfg),
+                "hyper": dataclasses.asdict(self.hyper), "agent": state, "step": step, "rng": _rng_state(self.device)}
+
+    def write_summary(self, step: int, last_eval: list[dict] | None) -> dict:
+        """summary.json (returned): the run, its time, its step mode, the graphs compiled and the last
+        evaluation; the final scores printed."""
+        cfg, group = self.cfg, self.group
+        summary = {"task": cfg.task, "steps": step, "out": str(self.out),
+                   **({} if group is None else {"seeds": list(group)})}
+        summary["time"] = run_time(self.clock, step, self.pre_total, self.device)
+        summary["step_mode"] = self.mode()
+        if self.choice.compile:
+            # One graph each for pretraining, training and acting; more would mean recompilation.
+            summary["compiled_graphs"] = _compiled_graphs() - self.graphs_before
+            print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
+                  "more would mean a recompile)")
+        if last_eval is not None:
+            summary.update(eval_summary(last_eval, group, self.eval_episodes, self.loaded.behaviour_return))
+            print(final_message(cfg.task, summary, group))
+        (self.out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def load_run_data(cfg: TrainConfig, device: torch.device):

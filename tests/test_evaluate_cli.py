@@ -109,3 +109,17 @@ def test_what_cannot_be_evaluated_is_one_line(tmp_path):
     train(parse_args([*TINY, "--epochs", "1", "--no-eval", "--out", str(run)]))
     with pytest.raises(SystemExit, match="has no checkpoint.best.pt .*; use --checkpoint last"):
         evaluate.main([str(run), "--checkpoint", "best"])
+
+
+def test_weights_and_biases_offline_run_is_written(tmp_path):
+    """--track --wandb-mode offline: a W&B run in the run folder, with no network, holding the metric rows."""
+    run = tmp_path / "run"
+    train(parse_args([*TINY, "--epochs", "1", "--seed", "2", "--out", str(run), "--track", "--wandb-mode", "offline"]))
+    (record,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    rows = [r for r in map(json.loads, open(run / "metrics.jsonl"))]
+    last_train = [r for r in rows if r["kind"] == "train"][-1]
+    for tag, value in (("train/loss_q", last_train["loss_q"]), ("eval/score_mean", _evals(run)[-1]["score_mean"])):
+        assert tag.encode() in data and json.dumps(value).encode() in data, tag
+    run_id = (run / "wandb-run-id").read_text().strip()
+    assert run_id in record.name  # one W&B run per run folder, kept for a resume

@@ -299,11 +299,12 @@ def test_file_size_limit_at_the_first_checkpoint_is_one_line(env, tmp_path):
 def test_read_only_run_folder_is_one_line_and_unchanged(env, straight, tmp_path):
     disk, keep = tmp_path / "disk", tmp_path / "kept"
     shutil.copytree(straight, disk / "run")
-    before = {p.name: p.read_bytes() for p in (disk / "run").iterdir()}
+    files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    before = files(disk / "run")
     out = disk / "run"
     rc, text = _in_namespace(env, tmp_path, f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk}",
                              ["--resume", str(out), "--epochs", "4"], keep)
     assert rc == 1, text
     assert text.strip().splitlines()[-1] == (f"error: --out {out}: cannot write there (Read-only file system); "
                                              "choose another --out")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files(out) == before

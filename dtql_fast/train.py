@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,40 +39,94 @@ from .update import FastDTQL, StepRunner
 hardware, over_seeds = reporting.hardware, reporting.over_seeds
 
 
+# The titled flag groups of --help: a field's metadata names its group (None: the parser's own
+# "options"; "who": --seed | --seeds, one or the other). Groups and flags show in field order.
+FLAG_GROUPS = {
+    "schedule": "schedule (default: the task's table)",
+    "tracking": "tracking (TensorBoard event files are written wherever tensorboard is installed)",
+    "algorithm": "algorithm overrides (default: the task's table)",
+}
+
+
+def flag_meta(help: str | None = None, *, group: str | None = None, metavar: str | None = None,
+              choices: list[str] | None = None, resume: int | None = None, runtime: bool = False) -> dict:
+    """A TrainConfig field's command-line facts, kept in its dataclasses.field metadata; parse_args builds
+    the parser from them. The flag's type and action come from the field's annotation and default (int,
+    float, str; bool: a store_true switch, or --x/--no-x where the default None means "not given").
+    resume: the field's place in the list of flags a resume may change (RESUME_MAY_CHANGE; None: fixed
+    by the run's checkpoint). runtime: where and how fast a run goes, not what it computes (RUNTIME_FIELDS)."""
+    return {"help": help, "group": group, "metavar": metavar, "choices": choices, "resume": resume,
+            "runtime": runtime}
+
+
+def _option(default, help: str | None = None, **meta):
+    return field(default=default, metadata=flag_meta(help, **meta))
+
+
 @dataclass
 class TrainConfig:
-    task: str = OFFLINE_DATASET_ID
-    dataset: str | None = None
-    seed: int | None = None            # one agent; None: seed 0 (or, resuming, the checkpoint's)
-    seeds: list[int] | None = None     # a group of agents trained in one step; exclusive with seed
-    device: str = "auto"
-    out: str | None = None
-    resume: str | None = None
-    compile: bool | None = None        # None: compiled on CUDA; on a CPU where it pays (compiling.py)
-    kernels: str = "auto"
-    threads: int | None = None
-    eval_episodes: int | None = None
-    log_every: int = 250
-    checkpoint_every: float = 10.0
-    profile_steps: str | None = None
-    no_eval: bool = False
-    overwrite: bool = False            # a run already in --out is moved aside (never deleted)
-    track: bool = False                # also log to Weights & Biases (tracking.py)
-    wandb_project: str = "dtql_fast"
-    wandb_entity: str | None = None
-    wandb_mode: str = "online"         # offline: written under the run folder, `wandb sync` uploads it
-    # schedule and algorithm overrides (None: the task's table value)
-    epochs: int | None = None
-    steps_per_epoch: int | None = None
-    pretrain_epochs: int | None = None
-    eval_every: int | None = None
-    alpha: float | None = None
-    gamma: float | None = None
-    lr: float | None = None
-    lr_decay: bool | None = None
-    batch_size: int | None = None
-    expectile: float | None = None
-    noise_levels: int | None = None
+    """Every flag of python -m dtql_fast.train, in --help's order, with its help text."""
+    task: str = _option(OFFLINE_DATASET_ID, "a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari "
+                                            "dataset id (e.g. mujoco/walker2d/medium-v0)")
+    dataset: str | None = _option(None, "path to the D4RL HDF5 file (default: the D4RL cache, ~/.d4rl/datasets); "
+                                        "for a Minari id, the Minari datasets folder")
+    # None: seed 0 (or, resuming, the checkpoint's)
+    seed: int | None = _option(None, "one agent: seeds weights, batches, noise and evaluation (default: 0)",
+                               group="who")
+    # given as text, parsed after parse_args (seeds.parse_seeds)
+    seeds: list[int] | None = _option(
+        None, "a group of independent agents trained together, one step for all: a range 0-4, a list 0,3,7, "
+              "or both 0-2,7; seed s starts from --seed s's weights and is evaluated on its envs",
+        group="who", metavar="LIST")
+    device: str = _option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", resume=1, runtime=True)
+    threads: int | None = _option(None, "CPU threads for torch (default: torch's choice)", resume=2, runtime=True)
+    out: str | None = _option(None, "run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
+                                    "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")
+    # parse_args appends the flags a resume may change (RESUME_MAY_CHANGE)
+    resume: str | None = _option(None, "a run folder (or checkpoint.pt) to continue; gives the same numbers as an "
+                                       "uninterrupted run. It may change only ")
+    overwrite: bool = _option(False, "if --out holds a run, move it aside to <out>.old-<time> first (nothing is "
+                                     "deleted); without it, a new run into a folder holding one is refused")
+    compile: bool | None = _option(
+        None, "torch.compile(fullgraph=True) the whole step (on CUDA also replayed as a CUDA graph), or not. "
+              "Default: compiled on CUDA; on a CPU the run times a few eager steps and compiles the rest where "
+              "the time saved beats the compile (warm when an earlier run compiled the same shapes)",
+        resume=3, runtime=True)
+    kernels: str = _option("auto", "EDM losses: fused Triton kernels or the plain PyTorch formula (auto: triton on "
+                                   "CUDA)", choices=["auto", "torch", "triton"], resume=4, runtime=True)
+    # schedule
+    epochs: int | None = _option(None, group="schedule", resume=12)
+    steps_per_epoch: int | None = _option(None, group="schedule")
+    pretrain_epochs: int | None = _option(None, group="schedule")
+    eval_every: int | None = _option(None, "evaluate every N epochs", group="schedule", resume=13)
+    eval_episodes: int | None = _option(None, group="schedule", resume=14)
+    no_eval: bool = _option(False, "skip evaluation (checkpoints still written)", group="schedule", resume=15)
+    log_every: int = _option(250, "steps between metric rows", group="schedule", resume=6, runtime=True)
+    checkpoint_every: float = _option(
+        10.0, "also checkpoint every MINUTES of training, not only at evaluations and the end (0: not by time); "
+              "the one before is kept as checkpoint.prev.pt",
+        group="schedule", metavar="MINUTES", resume=7, runtime=True)
+    profile_steps: str | None = _option(
+        None, "profile steps A..B-1: cudaProfilerStart/Stop on CUDA (for nsys --capture-range=cudaProfilerApi), "
+              "a torch.profiler Chrome trace on CPU",
+        group="schedule", metavar="A:B", resume=5, runtime=True)
+    # tracking (tracking.py)
+    track: bool = _option(False, "also log every metric row to Weights & Biases", group="tracking", resume=8,
+                          runtime=True)
+    wandb_project: str = _option("dtql_fast", group="tracking", resume=9, runtime=True)
+    wandb_entity: str | None = _option(None, group="tracking", resume=10, runtime=True)
+    wandb_mode: str = _option("online", "offline: no network, the run is kept in <out>/wandb for `wandb sync`",
+                              group="tracking", choices=["online", "offline"], resume=11, runtime=True)
+    # algorithm overrides (None: the task's table value)
+    alpha: float | None = _option(None, "trust-region weight", group="algorithm")
+    gamma: float | None = _option(None, "entropy-term weight", group="algorithm")
+    lr: float | None = _option(None, "diffusion and policy learning rate (the critic always uses 3e-4)",
+                               group="algorithm")
+    lr_decay: bool | None = _option(None, group="algorithm")
+    batch_size: int | None = _option(None, group="algorithm")
+    expectile: float | None = _option(None, group="algorithm")
+    noise_levels: int | None = _option(None, "K noise levels per row in both EDM losses (1: the paper)",
+                                       group="algorithm")
 
     def hyper(self, base: Hyper) -> Hyper:
         names = {f.name for f in dataclasses.fields(Hyper)}
@@ -79,13 +134,14 @@ class TrainConfig:
         return base.replace(**over)
 
 
-# Flags that say where and how fast a run goes, not what it computes (sweep.py compares the rest
-# between invocations of a sweep).
-RUNTIME_FIELDS = ("device", "threads", "compile", "kernels", "profile_steps", "log_every", "checkpoint_every",
-                  "track", "wandb_project", "wandb_entity", "wandb_mode")
-# What a resume may change besides those: how long it runs and how it is evaluated. Everything else
-# is the run's identity, fixed by its checkpoint: a resume giving another value is refused.
-RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("epochs", "eval_every", "eval_episodes", "no_eval")
+# What a resume may change (each field's metadata "resume" gives its place in this list): the flags that
+# say where and how fast a run goes, not what it computes (RUNTIME_FIELDS: sweep.py compares the rest
+# between invocations of a sweep), then how long it runs and how it is evaluated. Everything else is the
+# run's identity, fixed by its checkpoint: a resume giving another value is refused.
+RESUME_MAY_CHANGE = tuple(f.name for f in sorted((f for f in dataclasses.fields(TrainConfig)
+                                                  if f.metadata["resume"] is not None),
+                                                 key=lambda f: f.metadata["resume"]))
+RUNTIME_FIELDS = tuple(k for k in RESUME_MAY_CHANGE if TrainConfig.__dataclass_fields__[k].metadata["runtime"])
 
 
 def flag(field: str) -> str:
@@ -142,66 +198,35 @@ def check_config(cfg: TrainConfig):
         raise ConfigError("; ".join(problems))
 
 
+def _add_flag(to, f: dataclasses.Field, kind: type):
+    """One TrainConfig field's flag, from its metadata, annotation and default."""
+    meta = f.metadata
+    kw = {"default": f.default, "help": meta["help"]}
+    if f.name == "resume":
+        kw["help"] += ", ".join(map(flag, RESUME_MAY_CHANGE))
+    if kind is bool:  # a switch; None by default: --x / --no-x, "not given" left to the run
+        kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+    elif kind in (int, float):
+        kw["type"] = kind
+    kw.update({k: meta[k] for k in ("metavar", "choices") if meta[k] is not None})
+    to.add_argument(flag(f.name), **kw)
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(
         prog="python -m dtql_fast.train",
         description="Train DTQL (Diffusion Trusted Q-Learning) on a D4RL task or a Minari dataset. "
                     "With no arguments: build a small offline Reacher dataset and train on it (minutes on a CPU).",
         formatter_class=HelpFormatter)
-    a = p.add_argument
-    a("--task", default=OFFLINE_DATASET_ID,
-      help="a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari dataset id "
-           "(e.g. mujoco/walker2d/medium-v0)")
-    a("--dataset", help="path to the D4RL HDF5 file (default: the D4RL cache, ~/.d4rl/datasets); "
-                        "for a Minari id, the Minari datasets folder")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--seed", type=int, help="one agent: seeds weights, batches, noise and evaluation (default: 0)")
-    who.add_argument("--seeds", metavar="LIST",
-                     help="a group of independent agents trained together, one step for all: a range 0-4, a list "
-                          "0,3,7, or both 0-2,7; seed s starts from --seed s's weights and is evaluated on its envs")
-    a("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    a("--out", help="run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
-                    "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")
-    a("--resume", help="a run folder (or checkpoint.pt) to continue; gives the same numbers as an uninterrupted run. "
-                       "It may change only " + ", ".join(map(flag, RESUME_MAY_CHANGE)))
-    a("--overwrite", action="store_true",
-      help="if --out holds a run, move it aside to <out>.old-<time> first (nothing is deleted); without it, "
-           "a new run into a folder holding one is refused")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile(fullgraph=True) the whole step (on CUDA also replayed as a CUDA graph), or not. "
-           "Default: compiled on CUDA; on a CPU the run times a few eager steps and compiles the rest where "
-           "the time saved beats the compile (warm when an earlier run compiled the same shapes)")
-    a("--kernels", choices=["auto", "torch", "triton"], default="auto",
-      help="EDM losses: fused Triton kernels or the plain PyTorch formula (auto: triton on CUDA)")
-    g = p.add_argument_group("schedule (default: the task's table)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--steps-per-epoch", type=int)
-    g.add_argument("--pretrain-epochs", type=int)
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs")
-    g.add_argument("--eval-episodes", type=int)
-    g.add_argument("--no-eval", action="store_true", help="skip evaluation (checkpoints still written)")
-    g.add_argument("--log-every", type=int, default=250, help="steps between metric rows")
-    g.add_argument("--checkpoint-every", type=float, default=10.0, metavar="MINUTES",
-                   help="also checkpoint every MINUTES of training, not only at evaluations and the end "
-                        "(0: not by time); the one before is kept as checkpoint.prev.pt")
-    g.add_argument("--profile-steps", metavar="A:B",
-                   help="profile steps A..B-1: cudaProfilerStart/Stop on CUDA (for nsys "
-                        "--capture-range=cudaProfilerApi), a torch.profiler Chrome trace on CPU")
-    w = p.add_argument_group("tracking (TensorBoard event files are written wherever tensorboard is installed)")
-    w.add_argument("--track", action="store_true", help="also log every metric row to Weights & Biases")
-    w.add_argument("--wandb-project", default="dtql_fast")
-    w.add_argument("--wandb-entity")
-    w.add_argument("--wandb-mode", choices=["online", "offline"], default="online",
-                   help="offline: no network, the run is kept in <out>/wandb for `wandb sync`")
-    h = p.add_argument_group("algorithm overrides (default: the task's table)")
-    h.add_argument("--alpha", type=float, help="trust-region weight")
-    h.add_argument("--gamma", type=float, help="entropy-term weight")
-    h.add_argument("--lr", type=float, help="diffusion and policy learning rate (the critic always uses 3e-4)")
-    h.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=None)
-    h.add_argument("--batch-size", type=int)
-    h.add_argument("--expectile", type=float)
-    h.add_argument("--noise-levels", type=int, help="K noise levels per row in both EDM losses (1: the paper)")
+    groups = {None: p}
+    kinds = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = (p.add_mutually_exclusive_group() if group == "who"  # --seed | --seeds
+                             else p.add_argument_group(FLAG_GROUPS[group]))
+        kind = next((t for t in typing.get_args(kinds[f.name]) if t is not type(None)), kinds[f.name])
+        _add_flag(groups[group], f, kind)
     ns = p.parse_args(argv)
     if ns.seed is not None and ns.seed < 0:
         p.error(f"--seed {ns.seed}: seeds are non-negative integers")

@@ -239,7 +239,7 @@ def main(argv=None) -> list[dict]:
     from . import checkpoint
     from .seeds import SeedListError, parse_seeds
     from .tasks import Hyper
-    from .train import TrainConfig, _device, eval_rows, evaluate_agents, load_run_data
+    from .train import TrainConfig, _device, eval_rows, evaluate_agents, load_run_data, net_shapes
     from .transitions import DatasetError
     from .update import FastDTQL
 
@@ -282,15 +282,12 @@ def main(argv=None) -> list[dict]:
         if set(keep) - set(agents):
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
         loaded = load_run_data(cfg, device)
-        checkpoint.check_compatible(ckpt, cfg.task, {"state_dim": loaded.transitions.state_dim,
-                                                     "action_dim": loaded.transitions.action_dim,
-                                                     "hidden": hyper.hidden, "noise_levels": hyper.noise_levels},
-                                    where=f"the checkpoint in {run}")
+        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=cfg.seeds)
+        checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
         if loaded.env_problem:
             raise DatasetError(f"evaluation for {cfg.task} cannot run: {loaded.env_problem}")
     except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError) as e:
         raise SystemExit(f"error: {e}")
-    agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=cfg.seeds)
     agent.load_state_dict(ckpt["agent"])
     step = ckpt["step"]
     episodes = a.episodes or cfg.eval_episodes or loaded.task.eval_episodes
@@ -305,21 +302,23 @@ def main(argv=None) -> list[dict]:
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
            "best": ckpt.get("best"), "agents": rows}
     if a.video:
-        doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, keep, rows, Path(a.video))
+        doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, rows, Path(a.video))
     out.write_text(json.dumps(doc, indent=2))
     print(f"written: {out}")
     return rows
 
 
-def record_videos(agent, loaded, hyper, device, cfg, step: int, keep: list[int], rows: list[dict], video) -> list[dict]:
-    """One episode per agent in `keep`, acting as evaluation does (its generator seeded by the seed and the
-    step), from that agent's first evaluation env seed; written to `video` (one file per agent of a group)."""
+def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[dict], video) -> list[dict]:
+    """One episode per agent of `rows` (its evaluation rows), acting as evaluation does (train.eval_generator),
+    from that agent's first evaluation env seed; written to `video` (one file per agent of a group)."""
+    from .train import eval_generator
+
     A, R = loaded.transitions.action_dim, hyper.num_candidates
     seeds = list(cfg.seeds) if cfg.seeds is not None else None
     done = []
     for row in rows:
         seed = row.get("seed", cfg.seed)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+        gen = eval_generator(seed, step, device)
         if seeds is None:
             act = make_act_fn(agent.act, A, R, device, gen)
             act_one = lambda o: act(torch.as_tensor(o, dtype=torch.float32)[None])[0].cpu().numpy()  # noqa: E731

@@ -159,7 +159,8 @@ def live_holder(folder: str | os.PathLike) -> str | None:
         words = (Path(folder) / LOCKNAME).read_text().split()
     except OSError:
         return None  # a holder that exits removes the file
-    if len(words) < 2 or not words[0].isdigit():
+    who = _describe(words)
+    if who is None or not words[0].isdigit():
         return None
     if words[1] == socket.gethostname():
         try:
@@ -168,7 +169,7 @@ def live_holder(folder: str | os.PathLike) -> str | None:
             return None
         except PermissionError:
             pass  # alive, another user's
-    return f"PID {words[0]} on host {words[1]}"
+    return who
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -182,13 +183,20 @@ def _holder(fd: int, wait: bool) -> str | None:
     # A holder writes its PID just after taking the lock: give it a moment before saying None.
     for _ in range(20 if wait else 1):
         os.lseek(fd, 0, os.SEEK_SET)
-        words = os.read(fd, 4096).decode(errors="replace").split()
-        if len(words) >= 2:
-            since = f", since {' '.join(words[2:4])}" if len(words) >= 4 else ""
-            return f"PID {words[0]} on host {words[1]}{since}"
+        who = _describe(os.read(fd, 4096).decode(errors="replace").split())
+        if who is not None:
+            return who
         if wait:
             time.sleep(0.05)
     return None
+
+
+def _describe(words: list[str]) -> str | None:
+    """run.lock's words (PID, host, start date and time, as RunLock writes them) as a holder's name."""
+    if len(words) < 2:
+        return None
+    since = f", since {' '.join(words[2:4])}" if len(words) >= 4 else ""
+    return f"PID {words[0]} on host {words[1]}{since}"
 
 
 def trim_metrics(folder: str | os.PathLike, step: int) -> list[dict]:

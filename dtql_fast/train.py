@@ -550,9 +550,15 @@ class Checkpointer:
 
     def __init__(self, out: Path, every_minutes: float, latest: checkpoint.Latest | None, start: int,
                  payload, log: MetricLog):
-        self.out, self._payload, self._log = out, payload, log
+        self.out, self._make_payload, self._log = out, payload, log
         self.schedule = checkpoint.Schedule(out / checkpoint.FILENAME, every_minutes, latest, start)
         self.best = checkpoint.Best(out / checkpoint.BEST)
+        self._made: tuple[int, dict] | None = None  # (step, payload): an evaluation's best and its save share it
+
+    def _payload(self, step: int) -> dict:
+        if self._made is None or self._made[0] != step:
+            self._made = (step, self._make_payload(step))
+        return self._made[1]
 
     @property
     def last_good(self) -> tuple[Path, int] | None:
@@ -569,6 +575,7 @@ class Checkpointer:
         if step == self.schedule.saved_step:
             return
         state = self._payload(step)
+        self._made = None  # the loop moves on: the next save is of another state
         self._log.sync()  # the rows this checkpoint vouches for reach the disk before it does
         try:
             self.schedule.save(step, state)
@@ -773,6 +780,11 @@ def env_seed(seed: int) -> int:
     return seed * 10_000 + 1000
 
 
+def eval_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The acting draws of seed `seed`'s evaluation at `step` (python -m dtql_fast.evaluate replays them)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
 def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
                     episodes: int, padded: bool = False, first_env_seed: int | None = None) -> list[dict]:
     """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
@@ -782,7 +794,7 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
     A, R = loaded.transitions.action_dim, hyper.num_candidates
 
     def draws(seed: int) -> torch.Generator:
-        return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+        return eval_generator(seed, step, device)
 
     def envs(i: int, seed: int) -> int:  # first_env_seed (python -m dtql_fast.evaluate --env-seed): other envs
         return env_seed(seed) if first_env_seed is None else first_env_seed + 10_000 * i

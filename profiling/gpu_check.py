@@ -318,10 +318,11 @@ def run_check(out: Path, device: str, quick: bool, deadline_s: float | None = No
 
 
 def _junit_counts(xml: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
     try:
-        import xml.etree.ElementTree as ET
         root = ET.parse(xml).getroot()
-    except (OSError, Exception):  # noqa: BLE001 - a run that died before writing it
+    except (OSError, ET.ParseError):  # a run that died before writing it, or mid-write
         return {}
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     if suite is None:

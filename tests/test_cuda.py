@@ -2,13 +2,10 @@
 step against the compiled step it captured, fresh noise on every replay, a seed group against its
 single-seed runs on the device, a checkpoint resumed on the device. Tests that make sense on a CPU
 too run there as well (the "cpu" parameter), so their logic is checked in every CI run."""
-import os
-import signal
-
 import pytest
 import torch
 
-from dtql_fast import checkpoint, train as train_mod
+from dtql_fast import checkpoint
 from dtql_fast.draws import sample_draws
 from dtql_fast.profiling import gpu_check, seeds_bench
 from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, synthetic_transitions
@@ -16,6 +13,7 @@ from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
 from dtql_fast.train import parse_args, train
 from dtql_fast.update import CUDAGraphStep
+from test_train import _stop_at
 from tree import tensors
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -67,20 +65,6 @@ def test_seed_group_equals_its_single_seed_runs(device):
                                 compiled=device == "cuda", seed=0, block=2)
     assert row["passed"], row
     assert row["worst_over_tol"] <= 1.0
-
-
-def _stop_at(monkeypatch, n):
-    """A real SIGINT (Ctrl-C) in the middle of the n-th step."""
-    real = train_mod.StepRunner.__call__
-    calls = {"n": 0}
-
-    def call(self):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(train_mod.StepRunner, "__call__", call)
 
 
 @pytest.mark.parametrize("device", DEVICES)

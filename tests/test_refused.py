@@ -1,9 +1,8 @@
 """Bad input is refused before any work, with one line naming the flag; no run is ever overwritten."""
-import h5py
-import numpy as np
 import pytest
 
 from dtql_fast import train as train_mod
+from dtql_fast.profiling.gpu_check import write_d4rl
 from dtql_fast.train import parse_args, train
 
 TINY = ["--epochs", "1", "--steps-per-epoch", "6", "--pretrain-epochs", "0", "--eval-every", "1",
@@ -60,26 +59,13 @@ def test_several_bad_flags_named_at_once(tmp_path):
     assert "--epochs 0" in msg and "--lr 0.0" in msg
 
 
-def _d4rl_file(path, obs_dim, act_dim, n=200):
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        f["observations"] = rng.standard_normal((n, obs_dim)).astype(np.float32)
-        f["actions"] = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
-        f["rewards"] = rng.standard_normal(n).astype(np.float32)
-        f["terminals"] = np.zeros(n, bool)
-        timeouts = np.zeros(n, bool)
-        timeouts[99::100] = True
-        f["timeouts"] = timeouts
-    return path
-
-
 @pytest.mark.parametrize("no_eval", [False, True], ids=["eval", "no-eval"])
 @pytest.mark.parametrize("dims, message", [
     ((11, 6), "evaluation env Walker2d-v4 gives observations of size 17, but the dataset's states have size 11"),
     ((17, 3), "the dataset's actions have 3 dimensions, but its evaluation env Walker2d-v4 takes 6"),
 ])
 def test_dataset_of_another_env_refused_before_training(tmp_path, dims, message, no_eval):
-    data = _d4rl_file(tmp_path / "data.hdf5", *dims)
+    data = write_d4rl(tmp_path / "data.hdf5", *dims, rows=200)
     out = tmp_path / "run"
     msg = _refused(["--task", "walker2d-medium-v2", "--dataset", str(data), *TINY, "--out", str(out),
                     *(["--no-eval"] if no_eval else [])])

@@ -98,22 +98,40 @@ def attempts(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def read_metrics(run_dir: Path) -> tuple[list[dict], int, bool]:
+    """metrics.jsonl as written: its rows in file order, how many complete lines are not JSON, and
+    whether its last line was cut short (a kill mid-write; kept as a row where it still parses)."""
+    try:
+        lines = (run_dir / METRICS).read_text().split("\n")
+    except OSError:
+        return [], 0, False
+    cut = lines.pop()  # the text after the last newline
+    rows, bad = [], 0
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    if cut:
+        try:
+            rows.append(json.loads(cut))
+        except ValueError:
+            pass
+    return rows, bad, bool(cut)
+
+
 def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) of metrics.jsonl, one per step (kind, seed), the last written winning.
 
     A run resumed from a checkpoint logs again the steps its killed attempt had logged past that
     checkpoint; keeping the last row per step drops the dead attempt's copy.
     """
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-    except OSError:
-        return [], []
+    return _by_step(read_metrics(run_dir)[0])
+
+
+def _by_step(written: list[dict]) -> tuple[list[dict], list[dict]]:
     rows: dict[tuple, dict] = {}
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+    for r in written:
         rows[(r.get("kind"), r.get("seed"), r.get("step"))] = r
     ordered = sorted(rows.values(), key=lambda r: (r.get("step") or 0))
     return [r for r in ordered if r.get("kind") == "train"], [r for r in ordered if r.get("kind") == "eval"]
@@ -176,20 +194,10 @@ def problems(run_dir: Path) -> list[str]:
             found.append(f"{name} cannot be read (not JSON: cut short or edited?)")
     if not (run_dir / CONFIG).exists() and metrics.exists():
         found.append("config.json is missing: task, seed and schedule unknown (the task is taken from the folder name)")
-    try:
-        lines = metrics.read_text().split("\n")
-    except OSError:
-        lines = []
-    cut = lines.pop() if lines else ""  # text after the last newline: a line cut short by a kill
-    bad = 0
-    for line in lines:
-        try:
-            json.loads(line)
-        except ValueError:
-            bad += 1
+    written, bad, cut = read_metrics(run_dir)
     if bad:
         found.append(f"metrics.jsonl has {bad} line(s) that are not JSON; they were skipped")
-    train_rows, _ = metric_rows(run_dir)
+    train_rows, _ = _by_step(written)
     last = train_rows[-1].get("step") if train_rows else None
     summary = read_json(run_dir / SUMMARY)
     if summary and isinstance(summary.get("steps"), int) and (last or 0) < summary["steps"]:

@@ -201,6 +201,30 @@ def check_compatible(ckpt: dict, task: str, shapes: dict, where: str = "checkpoi
         raise CheckpointError(f"{where} has other shapes ({desc}); it cannot be resumed with these settings")
 
 
+def single_seed_state(state: dict) -> dict:
+    """A group of one's agent state (FastDTQL.state_dict()) in the format a single-seed (--seed) run's
+    checkpoint holds: no "seeds", no per-agent lists. agent_state reads both back."""
+    if len(state["seeds"]) != 1:
+        raise ValueError(f"a single-seed checkpoint holds one agent, not seeds {state['seeds']}")
+    return {"modules": {k: v[0] for k, v in state["modules"].items()},
+            "optimizers": {k: {**o, "exp_avg": o["exp_avg"][0], "exp_avg_sq": o["exp_avg_sq"][0]}
+                           for k, o in state["optimizers"].items()},
+            "lr_step": state["lr_step"], "metric_sum": state["metric_sum"][0], "metric_count": state["metric_count"]}
+
+
+def agent_state(ckpt: dict) -> dict:
+    """A checkpoint's agent state as FastDTQL.load_state_dict takes it: a group's as saved, a single-seed
+    run's (single_seed_state) as the group of one of its config's seed."""
+    state = ckpt["agent"]
+    if "seeds" in state:
+        return state
+    return {"modules": {k: [v] for k, v in state["modules"].items()},
+            "optimizers": {k: {**o, "exp_avg": [o["exp_avg"]], "exp_avg_sq": [o["exp_avg_sq"]]}
+                           for k, o in state["optimizers"].items()},
+            "lr_step": state["lr_step"], "metric_sum": state["metric_sum"][None], "metric_count": state["metric_count"],
+            "seeds": [ckpt.get("config", {}).get("seed") or 0]}
+
+
 # Test hook (tests/test_faults.py): DTQL_TEST_STALL_SAVE="N:STAGE" makes this process's N-th save
 # stop at STAGE ("written": the temp file complete, nothing renamed yet; "rotated": checkpoint.pt
 # already renamed to checkpoint.prev.pt, the new one not yet in its place), leave a marker file

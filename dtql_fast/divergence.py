@@ -32,32 +32,29 @@ def what_is_kept(last_good: tuple[Path, int] | None) -> str:
             "repeats the same numbers, so start a new run (another --out) with a lower --lr or other settings")
 
 
-class WeightWatch:
-    """max |w| over every parameter of the agent's networks: NaN if any weight is NaN, inf if any is inf.
-    With `seeds` (a group's packed tensors, seed dimension first): one such maximum per seed."""
+def seed_labels(seeds: list[int]) -> list[str]:
+    """What names each agent in a message: "seed 7: ", one per agent of a group."""
+    return [f"seed {s}: " for s in seeds]
 
-    def __init__(self, params: dict[str, dict[str, torch.Tensor]], seeds: list[int] | None = None):
-        # FastDTQL.params(): the same tensors for the whole run, updated in place by the step
-        # and by load_state_dict.
+
+class WeightWatch:
+    """max |w| over every parameter of each agent's networks (FastDTQL.params(): packed tensors, agent
+    dimension first): NaN if any weight is NaN, inf if any is inf."""
+
+    def __init__(self, params: dict[str, dict[str, torch.Tensor]]):
+        # The same tensors for the whole run, updated in place by the step and by load_state_dict.
         self.params = [p for net in params.values() for p in net.values()]
-        self.seeds = seeds
 
     def queue(self) -> torch.Tensor:
-        if self.seeds is None:
-            return torch.stack(torch._foreach_norm(self.params, math.inf)).max()
         per_tensor = [torch.linalg.vector_norm(p.flatten(1), math.inf, dim=1) for p in self.params]
         return torch.stack(per_tensor).amax(dim=0)
 
 
-def check_log_row(step: int, metrics: dict[str, float] | list[dict[str, float]], weight_max: torch.Tensor,
-                  seeds: list[int] | None = None):
+def check_log_row(step: int, metrics: list[dict[str, float]], weight_max: torch.Tensor, labels: list[str]):
     """Raise Diverged if a logged loss or the weights are not finite (after the log read synced).
-    A group's metrics are one dict per seed and weight_max one value per seed; what is not finite is
-    named with its seed."""
-    if seeds is None:
-        metrics, weights, labels = [metrics], [weight_max.item()], [""]
-    else:
-        weights, labels = weight_max.tolist(), [f"seed {s}: " for s in seeds]
+    metrics: one dict per agent (FastDTQL.read_metrics), weight_max one value per agent (WeightWatch);
+    what is not finite is named with its agent's label (seed_labels; "" where the run has one seed)."""
+    weights = weight_max.tolist()
     bad = []
     for label, m, w in zip(labels, metrics, weights):
         bad += [f"{label}{k} = {v}" for k, v in m.items() if not math.isfinite(v)]
@@ -67,11 +64,11 @@ def check_log_row(step: int, metrics: dict[str, float] | list[dict[str, float]],
         raise Diverged(step, ", ".join(bad))
 
 
-def check_state(step: int, agent_state: dict):
-    """Raise Diverged, naming what (and in a group, whose seed), if any tensor of FastDTQL.state_dict()
-    is not finite."""
+def check_state(step: int, agent_state: dict, labels: list[str]):
+    """Raise Diverged, naming what (with its agent's label, as check_log_row), if any tensor of
+    FastDTQL.state_dict() is not finite."""
     flat = {}
-    for label, part in _parts(agent_state):
+    for label, part in _parts(agent_state, labels):
         flat.update({(label, k): t for k, t in _tensors(part)})
     ok = torch.stack([torch.isfinite(t).all() for t in flat.values()]).tolist()
     bad = [k for k, good in zip(flat, ok) if not good]
@@ -88,16 +85,12 @@ def check_state(step: int, agent_state: dict):
     raise Diverged(step, "non-finite " + ", ".join(names[:6]) + more)
 
 
-def _parts(agent_state: dict):
-    """(label, state) pairs: the state itself for one agent; for a group, each seed's own part (its
-    networks, Adam moments and loss sums, labelled "seed S: ") and the part they share (counters, lrs)."""
-    seeds = agent_state.get("seeds")
-    if seeds is None:
-        yield "", agent_state
-        return
+def _parts(agent_state: dict, labels: list[str]):
+    """(label, state) pairs: each agent's own part (its networks, Adam moments and loss sums) and the
+    part they share (counters, lrs)."""
     opts = agent_state["optimizers"]
-    for i, s in enumerate(seeds):
-        yield f"seed {s}: ", {
+    for i, label in enumerate(labels):
+        yield label, {
             "modules": {k: v[i] for k, v in agent_state["modules"].items()},
             "optimizers": {k: {m: o[m][i] for m in ("exp_avg", "exp_avg_sq")} for k, o in opts.items()},
             "metric_sum": agent_state["metric_sum"][i]}

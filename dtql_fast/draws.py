@@ -14,7 +14,7 @@ from .edm import sample_sigma
 
 @dataclass
 class Draws:
-    """Shapes for one agent; a group of seeds puts its seed dimension in front of each."""
+    """Shapes for one agent (the reference's); FastDTQL's agents put their agent dimension in front of each."""
     idx: torch.Tensor       # (B,) int64: batch rows, uniform with replacement
     sigma_bc: torch.Tensor  # (B, K) noise levels for the behaviour-cloning loss
     noise_bc: torch.Tensor  # (B, K, A)
@@ -27,6 +27,15 @@ class Draws:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+    def as_group(self) -> "Draws":
+        """One agent's draws as a group of one's, what FastDTQL's step takes (views: no copy)."""
+        return Draws(*(t[None] for t in self.tensors()))
+
+    @staticmethod
+    def stack(per_agent: list["Draws"]) -> "Draws":
+        """One step's draws of N agents, agent i's the i-th: what FastDTQL's step takes."""
+        return Draws(*(torch.stack(ts) for ts in zip(*(d.tensors() for d in per_agent))))
 
 
 def sample_draws(n: int, batch: int, action_dim: int, noise_levels: int = 1,

@@ -1,7 +1,8 @@
 """Evaluation: all episodes at once in one vector env, and the spec's acting rule, batched.
 
-A group of seeds (FastDTQL(seeds=...)) evaluates every seed's episodes in one vector env, with one
-acting call per env step for all of them (evaluate_group, make_group_act_fn).
+FastDTQL's agents (one or a group) evaluate every agent's episodes in one vector env, with one
+acting call per env step for all of them (evaluate_group, make_group_act_fn). evaluate and
+make_act_fn are the same for one agent's acting rule without the agent dimension (ReferenceDTQL's).
 
 Acting (spec, "Acting and evaluation"): for each state, R = 1024 policy candidates, scored by the
 TARGET critic's q_min, one drawn from Categorical(softmax(q)); the agents implement it as
@@ -28,23 +29,21 @@ def make_act_fn(act: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
                 pad_to: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """act_fn(states (N, S) float32, any device) -> actions (N, A) on `device`.
 
-    `act(states, eps, u)` is the agent's acting rule (FastDTQL.act or ReferenceDTQL.act). Per call:
+    `act(states, eps, u)` is one agent's acting rule (ReferenceDTQL.act; FastDTQL.act is a group's). Per call:
     eps = randn((N, R, A)), then u = rand((N,)), both from `generator` (on `device`; None: torch's
     default generator for that device). With `pad_to`, every call acts on exactly pad_to rows
     (states zero-padded, the padding's actions dropped), so a compiled `act` sees one shape as
     episodes end and never recompiles.
     """
-    R = int(num_candidates)
+    group = make_group_act_fn(lambda s, eps, u: act(s[0], eps[0], u[0])[None], action_dim, num_candidates, device,
+                              [generator], pad=pad_to is not None)
 
-    @torch.no_grad()
     def act_fn(states: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(states).to(device=device, dtype=torch.float32)
         N = s.shape[0]
-        if pad_to is not None:
-            s = torch.cat([s, s.new_zeros(pad_to - N, s.shape[1])])
-        eps = torch.randn((s.shape[0], R, action_dim), generator=generator, device=device)
-        u = torch.rand((s.shape[0],), generator=generator, device=device)
-        return act(s, eps, u)[:N]
+        rows = pad_to if pad_to is not None else N
+        live = torch.arange(rows) < N
+        return group(torch.cat([s, s.new_zeros(rows - N, s.shape[1])])[None], live[None])[0, :N]
 
     return act_fn
 
@@ -102,16 +101,13 @@ def evaluate(act_fn: Callable[[torch.Tensor], torch.Tensor], make_env: Callable[
     (population std, as the release prints), score_mean/score_std and scores (D4RL-normalised, None
     without reference scores), wall_s.
     """
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    t0 = time.perf_counter()
+    def one_agent(states: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        actions = act_fn(states[0][live[0]])
+        out = actions.new_zeros(*live.shape, actions.shape[-1])
+        out[live.to(out.device)] = actions
+        return out
 
-    def act_live(obs: np.ndarray, live: np.ndarray) -> torch.Tensor:
-        return act_fn(torch.from_numpy(np.asarray(obs[live], dtype=np.float32)))
-
-    returns, lengths = _run_episodes(act_live, make_env, [seed + i for i in range(episodes)])
-    return {"episodes": episodes, "env_seed": seed, **_scores(returns, lengths, task),
-            "wall_s": time.perf_counter() - t0}
+    return evaluate_group(one_agent, make_env, episodes, [seed], task)[0]
 
 
 def evaluate_group(group_act_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -277,26 +273,26 @@ def main(argv=None) -> list[dict]:
         else:
             ckpt = checkpoint.load_latest(run, map_location=device).ckpt
         cfg, hyper = TrainConfig(**ckpt["config"]), Hyper(**ckpt["hyper"])
-        agents = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+        agents = cfg.agents
         keep = list(parse_seeds(a.agents, "--agents")) if a.agents else agents
         if set(keep) - set(agents):
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
         loaded = load_run_data(cfg, device)
-        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=cfg.seeds)
+        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents)
         checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
         if loaded.env_problem:
             raise DatasetError(f"evaluation for {cfg.task} cannot run: {loaded.env_problem}")
     except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError) as e:
         raise SystemExit(f"error: {e}")
-    agent.load_state_dict(ckpt["agent"])
+    agent.load_state_dict(checkpoint.agent_state(ckpt))
     step = ckpt["step"]
     episodes = a.episodes or cfg.eval_episodes or loaded.task.eval_episodes
     results = evaluate_agents(agent.act, loaded, hyper, device, cfg, step, episodes, first_env_seed=a.env_seed)
-    rows = [r for r in eval_rows(results, step, 0, cfg.seeds) if r.get("seed", cfg.seed) in keep]
+    rows = [r for r in eval_rows(results, step, 0, agents) if r["seed"] in keep]  # each names its seed
     for r in rows:
         r.pop("epoch")
         score = f", normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
-        print(f"{cfg.task} | seed {r.get('seed', cfg.seed)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
+        print(f"{cfg.task} | seed {r['seed']} | {a.checkpoint} checkpoint, step {step} | {episodes} "
               f"episodes from env seed {r['env_seed']}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}")
     out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
@@ -314,31 +310,28 @@ def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[dict]
     from .train import eval_generator
 
     A, R = loaded.transitions.action_dim, hyper.num_candidates
-    seeds = list(cfg.seeds) if cfg.seeds is not None else None
+    seeds = cfg.agents
     done = []
     for row in rows:
-        seed = row.get("seed", cfg.seed)
+        seed = row["seed"]
         gen = eval_generator(seed, step, device)
-        if seeds is None:
-            act = make_act_fn(agent.act, A, R, device, gen)
-            act_one = lambda o: act(torch.as_tensor(o, dtype=torch.float32)[None])[0].cpu().numpy()  # noqa: E731
-        else:  # the group's acting rule, with only this agent's env live
-            i = seeds.index(seed)
-            gens = [gen if j == i else torch.Generator(device).manual_seed(0) for j in range(len(seeds))]
-            act_g = make_group_act_fn(agent.act, A, R, device, gens)
-            live = torch.zeros(len(seeds), 1, dtype=torch.bool)
-            live[i] = True
+        # The agents' acting rule, with only this agent's env live.
+        i = seeds.index(seed)
+        gens = [gen if j == i else torch.Generator(device).manual_seed(0) for j in range(len(seeds))]
+        act_g = make_group_act_fn(agent.act, A, R, device, gens)
+        live = torch.zeros(len(seeds), 1, dtype=torch.bool)
+        live[i] = True
 
-            def act_one(o, i=i, act_g=act_g, live=live):
-                states = torch.zeros(len(seeds), 1, len(o))
-                states[i, 0] = torch.as_tensor(o, dtype=torch.float32)
-                return act_g(states, live)[i, 0].cpu().numpy()
+        def act_one(o, i=i, act_g=act_g, live=live):
+            states = torch.zeros(len(seeds), 1, len(o))
+            states[i, 0] = torch.as_tensor(o, dtype=torch.float32)
+            return act_g(states, live)[i, 0].cpu().numpy()
         try:
             frames, ret = record_episode(act_one, loaded.make_env, row["env_seed"])
         except Exception as e:  # noqa: BLE001 - a missing GL backend shows up as many exception types
             raise SystemExit(f"error: --video: rendering failed ({type(e).__name__}: {e}); {RENDER_HELP}. "
                              "Evaluation itself works without --video") from None
-        path = video if seeds is None else video.with_name(f"{video.stem}-seed{seed}{video.suffix}")
+        path = video if cfg.single_seed else video.with_name(f"{video.stem}-seed{seed}{video.suffix}")
         try:
             write_video(frames, path)
         except ValueError as e:

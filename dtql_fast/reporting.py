@@ -72,7 +72,8 @@ class MetricLog:
             t.close()
 
 
-# -- one seed or a group: the rows, messages and summary that differ ----------------------------------------
+# -- a single-seed run or a group: the rows, messages and summary whose formats differ --------------------
+# `group` is the seed list a run folder shows, None in a --seed run's single-seed format (TrainConfig.single_seed).
 
 
 def start_message(task: str, seed: int | None, group: list[int] | None, data, device: torch.device, mode: str,
@@ -85,19 +86,19 @@ def start_message(task: str, seed: int | None, group: list[int] | None, data, de
             f"{data.action_dim} | device {device} | step: {mode} ({why}), kernels {kernels_text} | out {out}")
 
 
-def train_rows(step: int, pretrain: bool, sps: float, metrics: dict | list[dict], lrs: dict,
+def train_rows(step: int, pretrain: bool, sps: float, metrics: list[dict], lrs: dict,
                group: list[int] | None) -> list[dict]:
-    """A log interval's rows: one for one agent; for a group one per seed, with its seed in a `seed` column."""
+    """A log interval's rows from one metrics dict per agent: for a group one per seed, with its seed in a
+    `seed` column; a single-seed run's (group None) one row, no seed column."""
     where = {"phase": "pretrain" if pretrain else "train", "steps_per_s": sps}
     if group is None:
-        return [{"step": step, **where, **metrics, **lrs}]
+        return [{"step": step, **where, **metrics[0], **lrs}]
     return [{"step": step, "seed": s, **where, **m, **lrs} for s, m in zip(group, metrics)]
 
 
-def progress_postfix(metrics: dict | list[dict], sps: float) -> dict:
-    """The progress bar's losses: the agent's, or the group's mean over its seeds."""
-    if isinstance(metrics, list):
-        metrics = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
+def progress_postfix(metrics: list[dict], sps: float) -> dict:
+    """The progress bar's losses: the mean over the agents (one dict each)."""
+    metrics = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
     return {k.replace("loss_", ""): f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")} | {"it/s": f"{sps:.0f}"}
 
 

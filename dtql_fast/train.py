@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import checkpoint, compiling, divergence, footprint, reporting, runfolder, tracking
 from .cli import HelpFormatter
 from .data import OFFLINE_DATASET_ID, build_offline_dataset, check_env_widths, load_dataset
-from .evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
+from .evaluate import evaluate_group, make_group_act_fn
 from .ranges import ProfileWindow, parse_window, phase
 # What a run prints and writes about itself (rows, messages, summary.json's parts, the plot) is reporting.py's.
 from .reporting import (MetricLog, eval_mean, eval_message, eval_rows, eval_summary, final_message, plot_curves,
@@ -127,6 +127,17 @@ class TrainConfig:
     expectile: float | None = _option(None, group="algorithm")
     noise_levels: int | None = _option(None, "K noise levels per row in both EDM losses (1: the paper)",
                                        group="algorithm")
+
+    @property
+    def agents(self) -> list[int]:
+        """The seeds of the run's agents, one step for all: --seeds, or --seed's one (0 when neither is given)."""
+        return list(self.seeds) if self.seeds is not None else [self.seed or 0]
+
+    @property
+    def single_seed(self) -> bool:
+        """A --seed run: one agent (a group of one inside) whose folder, rows, summary and checkpoint keep the
+        single-seed format, with no seed lists. --seeds 3 is a group of one in the group's format."""
+        return self.seeds is None
 
     def hyper(self, base: Hyper) -> Hyper:
         names = {f.name for f in dataclasses.fields(Hyper)}
@@ -403,9 +414,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, latest = resume_from(cfg, out, device)  # latest: the checkpoint continued, None for a new run
-    group = cfg.seeds  # None: one agent
-    # The stream of batches and draws; a group's seeds draw their initial weights under their own seeds.
-    torch.manual_seed(cfg.seed if group is None else group[0])
+    # The stream of batches and draws (the agents draw their initial weights under their own seeds).
+    torch.manual_seed(cfg.agents[0])
     loaded, hyper = load_checked_data(cfg, device)
     agent = build_agent(cfg, loaded.transitions, hyper, device)
     start, kept_rows = load_agent_state(agent, latest, cfg, out, device)
@@ -514,15 +524,14 @@ def net_shapes(agent: FastDTQL) -> dict:
 
 
 def build_agent(cfg: TrainConfig, data, hyper: Hyper, device: torch.device) -> FastDTQL:
-    """The agent (a seed group's, one step for all), its initial weights drawn here; a group too large for
-    the device refused before it is built."""
-    group = cfg.seeds
-    if group is not None:  # one agent's weights tell what the group needs, before the group is built
+    """The run's agents (one step for all), their initial weights drawn here; a group too large for the
+    device refused before it is built."""
+    if len(cfg.agents) > 1:  # one agent's weights tell what the group needs, before the group is built
         one = FastDTQL(data.state_dim, data.action_dim, hyper, "cpu")
-        footprint.check_group_fits(len(group), footprint.weight_bytes_of(one.params()), hyper.batch_size,
+        footprint.check_group_fits(len(cfg.agents), footprint.weight_bytes_of(one.params()), hyper.batch_size,
                                    hyper.hidden, device)
         del one
-    return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=group)
+    return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=cfg.agents)
 
 
 def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: TrainConfig, out: Path,
@@ -533,7 +542,7 @@ def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: Tra
         return 0, []
     resumed = latest.ckpt
     checkpoint.check_compatible(resumed, cfg.task, net_shapes(agent), where=f"checkpoint in {latest.path}")
-    agent.load_state_dict(resumed["agent"])
+    agent.load_state_dict(checkpoint.agent_state(resumed))
     _set_rng_state(resumed["rng"], device)
     start = resumed["step"]
     kept_rows = runfolder.trim_metrics(out, start)  # the rows past it are about to be written again
@@ -599,7 +608,10 @@ class Run:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, loaded, hyper: Hyper, agent: FastDTQL,
                  latest: checkpoint.Latest | None, start: int):
         self.cfg, self.out, self.device, self.loaded, self.hyper, self.agent = cfg, out, device, loaded, hyper, agent
-        self.data, self.group, self.start = loaded.transitions, cfg.seeds, start  # group None: one agent
+        self.data, self.start = loaded.transitions, start
+        # The seed list the run folder shows: None in a --seed run's single-seed format (reporting.py).
+        self.group = None if cfg.single_seed else cfg.agents
+        self.labels = [""] if cfg.single_seed else divergence.seed_labels(cfg.agents)  # who a message names
         self.kernels = kernels_of(cfg, device)
         self.eval_episodes = cfg.eval_episodes or loaded.task.eval_episodes
         self.spe = hyper.steps_per_epoch
@@ -634,7 +646,7 @@ class Run:
         self.t_log, self.steps_since = time.perf_counter(), 0
         self.compile_reported = set()
         self.timed, self.t_timed = 0, 0.0  # eager steps timed for the automatic choice
-        self.weights = divergence.WeightWatch(agent.params(), seeds=self.group)
+        self.weights = divergence.WeightWatch(agent.params())
 
     # -- the step: eager or compiled -------------------------------------------------------------------------
 
@@ -647,9 +659,9 @@ class Run:
         return self.runners[pretrain]
 
     def signature(self, pretrain: bool) -> str:  # what a compiled step is cached by, beside its graph
-        data, hyper, group = self.data, self.hyper, self.group
+        data, hyper = self.data, self.hyper
         return (f"{self.device.type}|S{data.state_dim}|A{data.action_dim}|B{hyper.batch_size}|K{hyper.noise_levels}|"
-                f"H{hyper.hidden}|N{len(group) if group else 0}|{self.kernels}|{'pretrain' if pretrain else 'train'}")
+                f"H{hyper.hidden}|N{len(self.agent.seeds)}|{self.kernels}|{'pretrain' if pretrain else 'train'}")
 
     def acting(self):
         return torch.compile(self.agent.act, fullgraph=True) if self.choice.compile else self.agent.act
@@ -722,7 +734,7 @@ class Run:
         for row in train_rows(step, pretrain, sps, m, self.agent.lrs(), self.group):
             self.log.write("train", row)
         self.bar.set_postfix(progress_postfix(m, sps))
-        divergence.check_log_row(step, m, weight_max, seeds=self.group)
+        divergence.check_log_row(step, m, weight_max, self.labels)
 
     def evaluate(self, step: int) -> list[dict]:
         """Every agent evaluated; its rows written and printed, the best checkpoint offered. Returns the rows."""
@@ -741,7 +753,9 @@ class Run:
     def payload(self, step: int) -> dict:
         """What a checkpoint holds: everything an exact resume needs."""
         state = self.agent.state_dict()
-        divergence.check_state(step, state)  # a diverged state never replaces a good checkpoint
+        divergence.check_state(step, state, self.labels)  # a diverged state never replaces a good checkpoint
+        if self.cfg.single_seed:
+            state = checkpoint.single_seed_state(state)
         return {"task": self.cfg.task, "shapes": net_shapes(self.agent), "config": dataclasses.asdict(self.cfg),
                 "hyper": dataclasses.asdict(self.hyper), "agent": state, "step": step, "rng": _rng_state(self.device)}
 
@@ -787,10 +801,10 @@ def eval_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainConfig, step: int,
                     episodes: int, padded: bool = False, first_env_seed: int | None = None) -> list[dict]:
-    """One evaluation result per seed. Seed s plays the envs and action draws a single-seed run of s
-    would (env seeds s * 10000 + 1000 + j, draws from a generator seeded by s and the step); a group
-    plays all its seeds' episodes in one vector env, one acting call per env step. Compiled, every
-    call acts on all `episodes` rows a seed, finished envs padded, so the acting graph never recompiles."""
+    """One evaluation result per agent. Seed s plays the same envs and action draws in any run (env seeds
+    s * 10000 + 1000 + j, draws from a generator seeded by s and the step); all the agents' episodes run
+    in one vector env, one acting call per env step. Compiled, every call acts on all `episodes` rows an
+    agent, finished envs padded, so the acting graph never recompiles."""
     A, R = loaded.transitions.action_dim, hyper.num_candidates
 
     def draws(seed: int) -> torch.Generator:
@@ -799,11 +813,8 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
     def envs(i: int, seed: int) -> int:  # first_env_seed (python -m dtql_fast.evaluate --env-seed): other envs
         return env_seed(seed) if first_env_seed is None else first_env_seed + 10_000 * i
 
-    if cfg.seeds is None:
-        act = make_act_fn(act_rule, A, R, device, draws(cfg.seed), pad_to=episodes if padded else None)
-        return [evaluate(act, loaded.make_env, episodes, seed=envs(0, cfg.seed), task=loaded.task)]
-    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.seeds], pad=padded)
-    return evaluate_group(act, loaded.make_env, episodes, [envs(i, s) for i, s in enumerate(cfg.seeds)],
+    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.agents], pad=padded)
+    return evaluate_group(act, loaded.make_env, episodes, [envs(i, s) for i, s in enumerate(cfg.agents)],
                           task=loaded.task)
 
 

@@ -17,11 +17,12 @@ docs/algorithm.md, in its order. What makes it fast:
   EMA, which the release keeps but never uses, is not kept.
 - Losses accumulate on the device; `read_metrics()` is the only host read, once per log interval.
 
-Many seeds at once: `FastDTQL(..., seeds=[0, 1, 2])` gives every parameter, Adam moment, draw
-and metric a leading seed dimension. Each layer is then one batched matmul over the seeds, each
-loss is a per-seed mean, and the step differentiates their sum, so each seed's gradient is
-exactly its own: the same step, the same launches, N agents. `seeds=None` is one agent with no
-seed dimension.
+Agents: `FastDTQL(..., seeds=[0, 1, 2])` is three independent agents in one step. Every
+parameter, Adam moment, draw and metric has a leading agent dimension; each layer is one batched
+matmul over the agents, each loss a per-agent mean, and the step differentiates their sum, so each
+agent's gradient is exactly its own: the same step, the same launches, N agents. One agent is a
+group of one (`seeds=[s]`, the default `[0]`); the single-seed checkpoint format of a `--seed`
+run is an adapter at the edge (checkpoint.single_seed_state).
 
 CPU and CUDA run the same step; only `CUDAGraphStep` is CUDA-specific.
 """
@@ -99,26 +100,23 @@ class FastDTQL:
     for fewer kernel launches. Weights go in and out in the reference's layout (`load_modules`,
     `modules`, `state_dict`), so checkpoints and the reference stay interchangeable.
 
-    `seeds`: None for one agent; a list of seeds for a group of independent agents with a leading
-    seed dimension, seed i's initial weights drawn under torch.manual_seed(seeds[i]).
+    `seeds`: one per agent (a leading dimension of every tensor), agent i's initial weights drawn
+    under torch.manual_seed(seeds[i]) (the global RNG left as it was). One agent is a group of one.
     """
 
     def __init__(self, state_dim: int, action_dim: int, hyper: Hyper, device="cpu", kernels: str = "torch",
-                 seeds: Sequence[int] | None = None):
+                 seeds: Sequence[int] = (0,)):
         h = self.hyper = hyper
         self.device = torch.device(device)
         self.state_dim, self.action_dim = state_dim, action_dim
-        self.seeds = None if seeds is None else list(check_seeds(seeds))
+        self.seeds = list(check_seeds(seeds))
         self.layout = fastnets.layout(state_dim, action_dim, h.hidden)
-        if self.seeds is None:
-            packed = self._initial_weights()
-        else:
-            members = []
-            for seed in self.seeds:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    members.append(self._initial_weights())
-            packed = {net: {k: torch.stack([m[net][k] for m in members]) for k in members[0][net]} for net in NETWORKS}
+        members = []
+        for seed in self.seeds:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                members.append(self._initial_weights())
+        packed = {net: {k: torch.stack([m[net][k] for m in members]) for k in members[0][net]} for net in NETWORKS}
         self.dp, self.cp, self.tp, self.pp = ({k: v.to(self.device) for k, v in packed[net].items()} for net in NETWORKS)
         lead = self.group_shape
         self.counters = torch.zeros(len(COUNTERS), device=device)
@@ -154,9 +152,9 @@ class FastDTQL:
                 "critic_target": Critic(S, A, h.hidden), "policy": GaussianPolicy(S, A, h.hidden, h.max_action)}
 
     @property
-    def group_shape(self) -> tuple[int, ...]:
-        """The leading seed dimension of every tensor: () for one agent, (N,) for N seeds."""
-        return () if self.seeds is None else (len(self.seeds),)
+    def group_shape(self) -> tuple[int]:
+        """The leading agent dimension of every tensor: (N,) for N agents."""
+        return (len(self.seeds),)
 
     def set_kernels(self, kernels: str):
         """'torch': the EDM losses as PyTorch formulas (inductor fuses them); 'triton': the dtql::
@@ -282,8 +280,8 @@ class FastDTQL:
     def act(self, states: torch.Tensor, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The spec's acting rule, as ReferenceDTQL.act: R candidates, target critic, softmax draw.
 
-        states (..., E, S), eps (..., E, R, A), u (..., E) -> actions (..., E, A); with seeds, the
-        leading dimension is the seed's (each seed's own networks act on its own states).
+        states (N, E, S), eps (N, E, R, A), u (N, E) -> actions (N, E, A) for N agents: each agent's
+        own networks act on its own states.
         """
         *lead, E, S = states.shape
         R = eps.shape[-2]
@@ -298,15 +296,15 @@ class FastDTQL:
 
     # -- host side -----------------------------------------------------------------------------
 
-    def read_metrics(self, pretrain: bool = False) -> dict[str, float] | list[dict[str, float]]:
-        """Mean of each metric since the last read (one dict, or one per seed); the one host sync
-        of a log interval."""
+    def read_metrics(self, pretrain: bool = False) -> list[dict[str, float]]:
+        """Mean of each metric since the last read, one dict per agent; the one host sync of a log
+        interval."""
         n = self.metric_count.item()
         means = (self.metric_sum / max(n, 1.0)).tolist()
         self.metric_sum.zero_(); self.metric_count.zero_()
         keep = PRETRAIN_METRICS if pretrain else [k for k in METRICS if k != "loss_ent" or self.hyper.gamma]
         pick = lambda row: {k: v for k, v in zip(METRICS, row) if k in keep}  # noqa: E731
-        return pick(means) if self.seeds is None else [pick(row) for row in means]
+        return [pick(row) for row in means]
 
     def lrs(self) -> dict[str, float]:
         return {"lr_critic": self.critic_opt.lr.item(), "lr_diffusion": self.diffusion_opt.lr.item(),
@@ -320,9 +318,7 @@ class FastDTQL:
         return {"diffusion": self.diffusion_opt, "critic": self.critic_opt, "policy": self.policy_opt}
 
     def _members(self, packed: dict) -> list[dict[str, torch.Tensor]]:
-        """A packed dict split into one dict per seed (views), or the dict itself for one agent."""
-        if self.seeds is None:
-            return [packed]
+        """A packed dict split into one dict per agent (views)."""
         return [{k: v[i] for k, v in packed.items()} for i in range(len(self.seeds))]
 
     def _unpack(self, name: str, packed: dict) -> dict[str, torch.Tensor]:
@@ -331,29 +327,25 @@ class FastDTQL:
         return {k: ref[k] for k in self._ref_keys[name]}
 
     def _pack(self, name: str, refs: list[dict]) -> list[torch.Tensor]:
-        """Reference state dicts (one per seed) -> packed tensors with the seed dimension, in order."""
+        """Reference state dicts (one per agent) -> packed tensors with the agent dimension, in order."""
+        if len(refs) != len(self.seeds):
+            raise ValueError(f"{len(refs)} agents' states for {len(self.seeds)} agents (seeds {self.seeds})")
         packed = [fastnets.pack(self.layout[_NET[name]], ref) for ref in refs]
-        if self.seeds is None:
-            return list(packed[0].values())
         return [torch.stack([p[k] for p in packed]) for k in packed[0]]
 
-    def _per_seed(self, x):
-        """One reference-layout state (dict) per seed as the seed count wants it: x or [x, ...]."""
-        return [x] if self.seeds is None else list(x)
-
-    def modules(self, seed_index: int | None = None) -> dict[str, torch.nn.Module]:
-        """The four networks as the reference's nn.Modules (copies of the current weights); with
-        seeds, those of seed number `seed_index` (0 unless given)."""
-        i = seed_index or 0
+    def modules(self, agent: int = 0) -> dict[str, torch.nn.Module]:
+        """The four networks of agent number `agent` as the reference's nn.Modules (copies of the
+        current weights)."""
+        i = agent
         mods = self._reference_modules()
         for k, m in mods.items():
             m.to(self.device).load_state_dict(self._unpack(k, self._members(self.params()[k])[i]))
         return mods
 
-    def load_modules(self, modules: dict[str, torch.nn.Module] | list[dict[str, torch.nn.Module]]):
-        """Set the weights from reference-layout modules (e.g. ReferenceDTQL.modules()), in place;
-        with seeds, a list of such dicts, one per seed."""
-        mods = self._per_seed(modules)
+    def load_modules(self, modules: list[dict[str, torch.nn.Module]] | dict[str, torch.nn.Module]):
+        """Set the weights from reference-layout modules (e.g. ReferenceDTQL.modules()), in place: a
+        list of such dicts, one per agent (one dict: a group of one's)."""
+        mods = [modules] if isinstance(modules, dict) else list(modules)
         with torch.no_grad():
             for k, packed in self.params().items():
                 torch._foreach_copy_(list(packed.values()), self._pack(k, [m[k].state_dict() for m in mods]))
@@ -363,35 +355,31 @@ class FastDTQL:
         self.load_modules(other.modules())
 
     def state_dict(self) -> dict:
-        """In the reference's layout: module state dicts, and Adam moments listed in the order of
-        the reference module's parameters (as torch.optim.Adam would list them). With seeds, each
-        module entry and moment list is a list over the seeds, and "seeds" names them."""
-        def per_seed(name, packed):
-            out = [self._unpack(name, m) for m in self._members(packed)]
-            return out[0] if self.seeds is None else out
+        """In the reference's layout, a list over the agents: module state dicts, and Adam moments
+        listed in the order of the reference module's parameters (as torch.optim.Adam would list
+        them); "seeds" names the agents."""
+        def per_agent(name, packed):
+            return [self._unpack(name, m) for m in self._members(packed)]
 
         opts = {}
         for k, o in self.optimizers().items():
             sd = o.state_dict()
-            moments = {m: per_seed(k, dict(zip(o.names, sd[m]))) for m in ("exp_avg", "exp_avg_sq")}
-            opts[k] = {**sd, **{m: ([list(d.values()) for d in v] if self.seeds is not None else list(v.values()))
-                                for m, v in moments.items()}}
-        sd = {"modules": {k: per_seed(k, p) for k, p in self.params().items()}, "optimizers": opts,
-              "lr_step": self.lr_step, "metric_sum": self.metric_sum, "metric_count": self.metric_count}
-        if self.seeds is not None:
-            sd["seeds"] = list(self.seeds)
-        return sd
+            opts[k] = {**sd, **{m: [list(d.values()) for d in per_agent(k, dict(zip(o.names, sd[m])))]
+                                for m in ("exp_avg", "exp_avg_sq")}}
+        return {"modules": {k: per_agent(k, p) for k, p in self.params().items()}, "optimizers": opts,
+                "lr_step": self.lr_step, "metric_sum": self.metric_sum, "metric_count": self.metric_count,
+                "seeds": list(self.seeds)}
 
     def load_state_dict(self, sd: dict):
-        if sd.get("seeds") != (None if self.seeds is None else list(self.seeds)):
+        if sd.get("seeds") != list(self.seeds):
             raise ValueError(f"this state is of seeds {sd.get('seeds')}, the agent's are {self.seeds}")
         with torch.no_grad():
             for k, packed in self.params().items():
-                torch._foreach_copy_(list(packed.values()), self._pack(k, self._per_seed(sd["modules"][k])))
+                torch._foreach_copy_(list(packed.values()), self._pack(k, sd["modules"][k]))
             for k, o in self.optimizers().items():
                 osd = dict(sd["optimizers"][k])
                 for m in ("exp_avg", "exp_avg_sq"):
-                    refs = [dict(zip(self._ref_keys[k], lst)) for lst in self._per_seed(osd[m])]
+                    refs = [dict(zip(self._ref_keys[k], lst)) for lst in osd[m]]
                     osd[m] = self._pack(k, refs)
                 o.load_state_dict(osd)
             self.lr_step.copy_(sd["lr_step"])
@@ -399,7 +387,7 @@ class FastDTQL:
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over a (..., B, 1) batch: one value per seed (a 0-dim tensor for one agent)."""
+    """Mean over an (N, B, 1) batch: one value per agent."""
     return x.mean(dim=(-2, -1))
 
 
@@ -452,7 +440,7 @@ class StepRunner:
         def fn():
             with phase("sample"):
                 draws = sample_draws(data.n, h.batch_size, agent.action_dim, h.noise_levels, device=agent.device,
-                                     groups=None if agent.seeds is None else len(agent.seeds))
+                                     groups=len(agent.seeds))
             return step(data, draws)
 
         self.compile_seconds = 0.0

@@ -45,8 +45,7 @@ def _capture(task: str, kernels: str, seeds: int | None):
                        torch.randn(N, 1, generator=g), torch.randn(N, S, generator=g),
                        (torch.rand(N, 1, generator=g) > 0.1).float())
     torch.manual_seed(0)
-    agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels,
-                            seeds=None if seeds is None else list(range(seeds)))
+    agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels, seeds=list(range(seeds or 1)))
     agent.joint_value = True  # built on the CPU, but the graph counted is the one a GPU runs
     captured = []
 

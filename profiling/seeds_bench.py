@@ -23,11 +23,7 @@ from dtql_fast.profiling.variants import _sync, make_draws, metric_keys
 from dtql_fast.update import METRICS, FastDTQL
 
 
-def _stack(draws: list[Draws]) -> Draws:
-    return Draws(*(torch.stack(ts) for ts in zip(*(d.tensors() for d in draws))))
-
-
-def _params(agent: FastDTQL, i: int | None) -> dict[str, torch.Tensor]:
+def _params(agent: FastDTQL, i: int = 0) -> dict[str, torch.Tensor]:
     mods = agent.modules(i)
     return {f"{m}.{k}": p.detach().to("cpu", copy=True) for m, mod in mods.items() for k, p in mod.named_parameters()}
 
@@ -36,10 +32,7 @@ def run_group(n: int, S: int, A: int, hyper, data, device, steps: int, warmup: i
               seed: int, block: int = 10) -> dict:
     seeds = list(range(seed, seed + n))
     group = FastDTQL(S, A, hyper, device, seeds=seeds)
-    singles = []
-    for s in seeds:
-        torch.manual_seed(s)
-        singles.append(FastDTQL(S, A, hyper, device))
+    singles = [FastDTQL(S, A, hyper, device, seeds=[s]) for s in seeds]  # seed s's run: a group of one
     torch._dynamo.reset()
     wrap = (lambda f: torch.compile(f, fullgraph=True)) if compiled else (lambda f: f)
     group_step = wrap(group.train_step)
@@ -63,17 +56,17 @@ def run_group(n: int, S: int, A: int, hyper, data, device, steps: int, warmup: i
     for b in range(0, total, block):
         rows = range(b, min(b + block, total))
         for i in rows:
-            m_group[i], t_group[i] = timed(group_step, data, _stack([d[i] for d in per_seed]))
+            m_group[i], t_group[i] = timed(group_step, data, Draws.stack([d[i] for d in per_seed]))
         for j, step in enumerate(single_steps):
             for i in rows:
-                m_single[j][i], t = timed(step, data, per_seed[j][i])
+                m_single[j][i], t = timed(step, data, per_seed[j][i].as_group())
                 t_single[i] += t
     first = {"group_s": t_group[0] / 1e3, "singles_s": t_single[0] / 1e3}
     t_group, t_single = t_group[warmup:], t_single[warmup:]
     hist_group = [[[m_group[i][j, k].item() for k in keep] for i in range(total)] for j in range(n)]
-    hist_single = [[[m_single[j][i][k].item() for k in keep] for i in range(total)] for j in range(n)]
+    hist_single = [[[m_single[j][i][0, k].item() for k in keep] for i in range(total)] for j in range(n)]
     lrs = {"diffusion": hyper.lr, "policy": hyper.lr, "critic": hyper.critic_lr, "critic_target": hyper.critic_lr}
-    checks = [compare({"hist": hist_single[j], "params": _params(singles[j], None)},
+    checks = [compare({"hist": hist_single[j], "params": _params(singles[j])},
                       {"hist": hist_group[j], "params": _params(group, j)}, None, metric_keys(hyper), lrs)
               for j in range(n)]
     group_ms, singles_ms = statistics.median(t_group), statistics.median(t_single)

@@ -179,12 +179,12 @@ class Variant:
             # Metrics are read back after the step's timing, in the order of `keys`.
             self.metrics_list = lambda out: [out[k].item() for k in keys]
             return
-        agent = self.agent = FastDTQL(S, A, hyper, device)
+        agent = self.agent = FastDTQL(S, A, hyper, device)  # a group of one: the draws get its agent dimension
         agent.load_weights_from(init)
         agent.set_kernels("triton" if name.endswith("triton") else "torch")
         keep = [METRICS.index(k) for k in keys]
-        self.metrics_list = lambda out: [out.detach().double().cpu().tolist()[j] for j in keep]
-        self.eager_step = lambda d: agent.train_step(data, d)
+        self.metrics_list = lambda out: [out[0].detach().double().cpu().tolist()[j] for j in keep]
+        self.eager_step = lambda d: agent.train_step(data, d.as_group())
         if name == "eager":
             self._step = self.eager_step
             return
@@ -193,7 +193,7 @@ class Variant:
         opts = {"cpp.enable_kernel_profile": True} if device.type == "cpu" else {}
         compiled = torch.compile(agent.train_step, fullgraph=True, options=opts)
         if name.startswith("compile"):
-            self._step = lambda d: compiled(data, d)
+            self._step = lambda d: compiled(data, d.as_group())
             return
         if device.type != "cuda":
             raise ValueError(f"{name} needs a CUDA device")
@@ -210,7 +210,7 @@ class Variant:
             for buf, src in zip(static.tensors(), stacked):
                 buf.copy_(src.index_select(0, i)[0])
             k.add_(1)
-            return compiled(data, static)
+            return compiled(data, static.as_group())
 
         graph = CUDAGraphStep(closure, warmup=3)
         self._k, self._draws = k, draws

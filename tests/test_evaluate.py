@@ -31,7 +31,8 @@ def test_act_fn_draws_eps_then_u_for_the_agents_rule(R):
     fast = FastDTQL(S, A, ag.hyper)
     fast.load_weights_from(ag)
     states = torch.randn(N, S)
-    got = make_act_fn(fast.act, A, R, "cpu", torch.Generator().manual_seed(123))(states)
+    one = lambda s, e, u: fast.act(s[None], e[None], u[None])[0]  # noqa: E731 - the group of one's rule
+    got = make_act_fn(one, A, R, "cpu", torch.Generator().manual_seed(123))(states)
     g = torch.Generator().manual_seed(123)          # the documented draw order: eps, then u
     eps = torch.randn((N, R, A), generator=g)
     u = torch.rand((N,), generator=g)
@@ -41,7 +42,7 @@ def test_act_fn_draws_eps_then_u_for_the_agents_rule(R):
     # scoring with the online critic instead would pick other candidates (so the target is what is used)
     if R > 100:
         fast.load_modules({**fast.modules(), "critic_target": ag.critic})
-        assert (fast.act(states, eps, u) - want).abs().max() > 1e-3
+        assert (one(states, eps, u) - want).abs().max() > 1e-3
 
 
 @torch.no_grad()
@@ -53,14 +54,14 @@ def test_fast_act_inverse_cdf():
     states = torch.randn(3, S)
     eps = torch.randn(3, R, A)
     cand = ag.policy.sample(states.repeat_interleave(R, 0), eps.reshape(3 * R, A)).reshape(3, R, A)
-    first = fast.act(states, eps, torch.zeros(3))
+    first = fast.act(states[None], eps[None], torch.zeros(1, 3))[0]
     torch.testing.assert_close(first, cand[:, 0], rtol=0, atol=1e-6)      # u = 0 picks the first category
     # u just above the cdf at k picks k + 1
     q = ag.critic_target.q_min(states.repeat_interleave(R, 0), cand.reshape(3 * R, A)).reshape(3, R)
     cdf = torch.softmax(q, 1).cumsum(1)
     k = 5
     u = (cdf[:, k] + cdf[:, k + 1]) / 2
-    torch.testing.assert_close(fast.act(states, eps, u), cand[:, k + 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.act(states[None], eps[None], u[None])[0], cand[:, k + 1], rtol=0, atol=1e-6)
 
 
 class _Toy(gym.Env):

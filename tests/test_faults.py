@@ -214,15 +214,15 @@ def test_trim_metrics_drops_rows_past_the_step_and_cut_lines(tmp_path):
 
 def test_state_check_names_what_went_non_finite():
     agent = FastDTQL(3, 2, OFFLINE_DEMO_HYPER.replace(hidden=16))
-    divergence.check_state(7, agent.state_dict())  # a fresh agent passes
-    agent.metric_sum[METRICS.index("loss_q")] = float("inf")
-    agent.pp["p0"][0, 0] = float("nan")  # packed layout: the policy's net.0.weight[0, 0]
+    divergence.check_state(7, agent.state_dict(), [""])  # a fresh agent passes
+    agent.metric_sum[0, METRICS.index("loss_q")] = float("inf")
+    agent.pp["p0"][0, 0, 0] = float("nan")  # packed layout: the policy's net.0.weight[0, 0]
     with pytest.raises(divergence.Diverged, match=r"at step 7: non-finite modules.policy.net.0.weight, "
                                                   r"loss_q \(running sum inf\)"):
-        divergence.check_state(7, agent.state_dict())
+        divergence.check_state(7, agent.state_dict(), [""])
     watch = divergence.WeightWatch(agent.params())
     with pytest.raises(divergence.Diverged, match=r"loss_v = nan, the largest \|weight\| = nan"):
-        divergence.check_log_row(3, {"loss_v": float("nan"), "loss_q": 1.0}, watch.queue())
+        divergence.check_log_row(3, [{"loss_v": float("nan"), "loss_q": 1.0}], watch.queue(), [""])
 
 
 # -- the filesystem failing under a run: each fault one line naming the path, nothing written lost ----------

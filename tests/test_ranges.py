@@ -48,7 +48,7 @@ def test_evaluate_phase_appears_when_evaluation_runs():
     states = torch.randn(3, 5)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with phase("evaluate"):
-            agent.act(states, torch.randn(3, 8, 2), torch.rand(3))
+            agent.act(states[None], torch.randn(1, 3, 8, 2), torch.rand(1, 3))
     names = {e.name for e in prof.events()}
     assert "evaluate" in names
 

@@ -1,4 +1,4 @@
-"""Many seeds in one step: seed i of an N-seed FastDTQL is a single-seed FastDTQL fed seed i's draws.
+"""Many seeds in one step: seed i of an N-seed FastDTQL is seed i's own agent (a group of one) fed its draws.
 
 Tolerances, as tests/test_update.py's fast-vs-reference ones: one step, every loss within rtol
 1e-5 (atol 1e-6) and all but 0.1% of every tensor's weights within 1e-6 of the single-seed run;
@@ -29,15 +29,10 @@ def _data(S, A, N=2000, seed=0):
 
 def _group_and_singles(S, A, h, seeds, kernels="torch"):
     group = FastDTQL(S, A, h, seeds=seeds, kernels=kernels)
-    singles = []
-    for s in seeds:
-        torch.manual_seed(s)
-        singles.append(FastDTQL(S, A, h, kernels=kernels))
-    return group, singles
+    return group, [FastDTQL(S, A, h, kernels=kernels, seeds=[s]) for s in seeds]
 
 
-def _stacked(draws: list[Draws]) -> Draws:
-    return Draws(*(torch.stack(ts) for ts in zip(*(d.tensors() for d in draws))))
+_stacked = Draws.stack
 
 
 def _check_params(group, singles, roundoffs, h, atol=1e-6):
@@ -79,7 +74,7 @@ def test_seed_i_equals_a_single_seed_step_fed_its_draws(seeds, compiled):
         mg = (pre if pretrain else step)(data, _stacked(draws))
         assert mg.shape == (len(seeds), len(METRICS))
         for j, (single, roundoff, d) in enumerate(zip(singles, roundoffs, draws)):
-            ms = (single.pretrain_step if pretrain else single.train_step)(data, d)
+            ms = (single.pretrain_step if pretrain else single.train_step)(data, d.as_group())[0]
             (roundoff.pretrain_step if pretrain else roundoff.train_step)(data, d)
             torch.testing.assert_close(mg[j], ms, rtol=1e-5, atol=1e-6)
     _check_params(group, singles, roundoffs, h)
@@ -87,7 +82,7 @@ def test_seed_i_equals_a_single_seed_step_fed_its_draws(seeds, compiled):
     per_seed = group.read_metrics()  # metrics accumulate per seed
     assert len(per_seed) == len(seeds)
     for row, single in zip(per_seed, singles):
-        assert row == pytest.approx(single.read_metrics(), rel=1e-5, abs=1e-6)
+        assert row == pytest.approx(single.read_metrics()[0], rel=1e-5, abs=1e-6)
 
 
 def test_200_steps_stay_with_the_single_seed_runs():
@@ -100,7 +95,7 @@ def test_200_steps_stay_with_the_single_seed_runs():
     for _ in range(200):
         draws = [sample_draws(data.n, h.batch_size, 3, generator=g) for _ in seeds]
         hist_g.append(group.train_step(data, _stacked(draws)))
-        hist_s.append(torch.stack([s.train_step(data, d) for s, d in zip(singles, draws)]))
+        hist_s.append(torch.stack([s.train_step(data, d.as_group())[0] for s, d in zip(singles, draws)]))
     keep = [METRICS.index(k) for k in LOSSES]
     torch.testing.assert_close(torch.stack(hist_g)[..., keep], torch.stack(hist_s)[..., keep], rtol=1e-3, atol=1e-4)
     for i, single in enumerate(singles):
@@ -140,7 +135,7 @@ def test_group_act_is_each_seeds_own_act():
     got = group.act(states, eps, u)
     assert got.shape == (2, 4, 3)
     for i, single in enumerate(singles):
-        torch.testing.assert_close(got[i], single.act(states[i], eps[i], u[i]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[i], single.act(states[i:i + 1], eps[i:i + 1], u[i:i + 1])[0], rtol=0, atol=1e-6)
 
 
 def test_group_state_dict_round_trip_and_refuses_other_seeds():
@@ -171,3 +166,24 @@ def test_bad_seed_lists_are_refused(seeds, message):
         check_seeds(seeds)
     with pytest.raises(ValueError, match=message):
         FastDTQL(5, 2, Hyper(alpha=1, gamma=0, lr=3e-4, lr_decay=False, epochs=1, hidden=16), seeds=seeds)
+
+
+def test_single_seed_checkpoint_format_round_trips():
+    """A --seed run's checkpoint keeps the single-seed format (no seed lists): single_seed_state writes it
+    from the group of one, agent_state reads it back to the very same state."""
+    from dtql_fast import checkpoint
+
+    h = Hyper(alpha=1, gamma=1, lr=3e-4, lr_decay=True, epochs=1, batch_size=16, hidden=32)
+    agent = FastDTQL(5, 2, h, seeds=[3])
+    StepRunner(agent, _data(5, 2, N=100))()
+    single = checkpoint.single_seed_state(agent.state_dict())
+    assert "seeds" not in single and isinstance(single["modules"]["policy"], dict)
+    assert single["metric_sum"].shape == (len(METRICS),) and len(single["optimizers"]["critic"]["exp_avg"]) == 36
+    other = FastDTQL(5, 2, h, seeds=[3])
+    other.load_state_dict(checkpoint.agent_state({"agent": single, "config": {"seed": 3}}))
+    for net, packed in agent.params().items():
+        for k, v in packed.items():
+            assert torch.equal(v, other.params()[net][k]), (net, k)
+    assert torch.equal(agent.metric_sum, other.metric_sum)
+    with pytest.raises(ValueError, match="one agent"):
+        checkpoint.single_seed_state(FastDTQL(5, 2, h, seeds=[0, 1]).state_dict())

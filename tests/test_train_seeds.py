@@ -160,6 +160,25 @@ def test_group_interrupt_and_resume_equals_straight_run(tmp_path, monkeypatch, c
         json.loads((tmp_path / "straight" / "summary.json").read_text())["over_seeds"]
 
 
+def test_seed_and_a_group_of_one_are_one_path(tmp_path):
+    """--seed 3 is a group of one inside: the same weights, losses and evaluation as --seeds 3, bit for bit;
+    only the run folder's format differs (no seed column or seed lists in the --seed run's rows, summary and
+    checkpoint, which reads back as the group of one's state)."""
+    flags = [*TINY, "--no-compile", "--threads", "1"]
+    one = train(parse_args([*flags, "--seed", "3", "--out", str(tmp_path / "one")]))
+    group = train(parse_args([*flags, "--seeds", "3", "--out", str(tmp_path / "group")]))
+    rows_one, rows_group = _rows(tmp_path / "one", "train"), _rows(tmp_path / "group", "train")
+    assert "seed" not in rows_one[0] and [r.pop("seed") for r in rows_group] == [3] * len(rows_one)
+    keep = lambda r: {k: v for k, v in r.items() if k != "steps_per_s"}  # noqa: E731
+    assert [keep(r) for r in rows_one] == [keep(r) for r in rows_group]
+    assert [r["returns"] for r in _rows(tmp_path / "one", "eval")] == [r["returns"] for r in _rows(tmp_path / "group", "eval")]
+    assert "per_seed" not in one and one["score_mean"] == group["per_seed"][0]["score_mean"]
+    ck_one, ck_group = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "group")
+    assert "seeds" not in ck_one["agent"] and ck_group["agent"]["seeds"] == [3]
+    got, want = dict(tensors(checkpoint.agent_state(ck_one))), dict(tensors(ck_group["agent"]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_resume_refuses_another_seed_list(group_run, tmp_path, monkeypatch):
     """A group checkpoint resumes only as that group, a single-seed one only as that seed: refused before
     the data is loaded, naming both."""
@@ -241,8 +260,9 @@ def test_group_divergence_names_the_seed(tmp_path):
 def test_group_divergence_checks_name_one_bad_seed():
     """One seed going bad is named alone, in the log-row check and in the state check."""
     agent = FastDTQL(3, 2, OFFLINE_DEMO_HYPER.replace(hidden=16), seeds=[4, 7, 9])
-    divergence.check_state(5, agent.state_dict())
-    watch = divergence.WeightWatch(agent.params(), seeds=agent.seeds)
+    labels = divergence.seed_labels(agent.seeds)
+    divergence.check_state(5, agent.state_dict(), labels)
+    watch = divergence.WeightWatch(agent.params())
     assert watch.queue().shape == (3,) and torch.isfinite(watch.queue()).all()
     agent.pp["p0"][1, 0, 0] = float("nan")  # seed 7's policy net.0.weight
     agent.metric_sum[2, METRICS.index("loss_q")] = float("inf")  # seed 9's running loss_q
@@ -250,12 +270,12 @@ def test_group_divergence_checks_name_one_bad_seed():
     assert torch.isnan(w[1]) and torch.isfinite(w[[0, 2]]).all()
     with pytest.raises(divergence.Diverged, match=r"at step 5: non-finite seed 7: modules.policy.net.0.weight, "
                                                   r"seed 9: loss_q \(running sum inf\)$"):
-        divergence.check_state(5, agent.state_dict())
+        divergence.check_state(5, agent.state_dict(), labels)
     ok = {"loss_v": 1.0, "loss_q": 1.0}
     with pytest.raises(divergence.Diverged, match=r"^training diverged at step 3: seed 7: the largest \|weight\| = nan$"):
-        divergence.check_log_row(3, [ok, ok, ok], w, seeds=agent.seeds)
+        divergence.check_log_row(3, [ok, ok, ok], w, labels)
     with pytest.raises(divergence.Diverged, match=r"step 3: seed 7: the largest \|weight\| = nan, seed 9: loss_q = inf$"):
-        divergence.check_log_row(3, [ok, ok, {**ok, "loss_q": math.inf}], w, seeds=agent.seeds)
+        divergence.check_log_row(3, [ok, ok, {**ok, "loss_q": math.inf}], w, labels)
 
 
 # -- evaluation of a group, in one vector env ---------------------------------------------------------------
@@ -263,12 +283,12 @@ def test_group_divergence_checks_name_one_bad_seed():
 
 def _group_and_singles(seeds, S, A):
     h = DEFAULT_HYPER.replace(hidden=32)
-    group = FastDTQL(S, A, h, seeds=seeds)
-    singles = []
-    for s in seeds:
-        torch.manual_seed(s)
-        singles.append(FastDTQL(S, A, h))
-    return group, singles
+    return FastDTQL(S, A, h, seeds=seeds), [FastDTQL(S, A, h, seeds=[s]) for s in seeds]
+
+
+def _one(agent):
+    """A group of one's acting rule without the agent dimension, as make_act_fn takes one agent's."""
+    return lambda s, eps, u: agent.act(s[None], eps[None], u[None])[0]
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["live-rows", "padded"])
@@ -292,7 +312,7 @@ def test_group_eval_equals_each_seed_evaluated_alone(pad):
     if pad:
         assert set(calls) == {(3, E, 2)}
     for r, s, single in zip(got, seeds, singles):
-        fn = make_act_fn(single.act, A, R, "cpu", torch.Generator().manual_seed(100 + s), pad_to=E if pad else None)
+        fn = make_act_fn(_one(single), A, R, "cpu", torch.Generator().manual_seed(100 + s), pad_to=E if pad else None)
         want = evaluate(fn, _toy, E, seed=10 * s)
         assert r["env_seed"] == want["env_seed"] == 10 * s and r["lengths"] == want["lengths"]
         np.testing.assert_allclose(r["returns"], want["returns"], rtol=0, atol=1e-5)
@@ -313,7 +333,7 @@ def test_group_eval_on_reacher_with_the_compiled_act():
     got = evaluate_group(make_group_act_fn(compiled, 2, R, "cpu", gens, pad=True), make_env, E, [7, 70])
     assert train_mod._compiled_graphs() - graphs == 1
     for r, s, single, env_seed in zip(got, seeds, singles, [7, 70]):
-        want = evaluate(make_act_fn(single.act, 2, R, "cpu", torch.Generator().manual_seed(s), pad_to=E), make_env,
+        want = evaluate(make_act_fn(_one(single), 2, R, "cpu", torch.Generator().manual_seed(s), pad_to=E), make_env,
                         E, seed=env_seed)
         assert r["lengths"] == want["lengths"] == [50] * E
         np.testing.assert_allclose(r["returns"], want["returns"], rtol=1e-5)

@@ -207,9 +207,10 @@ def single_seed_state(state: dict) -> dict:
     if len(state["seeds"]) != 1:
         raise ValueError(f"a single-seed checkpoint holds one agent, not seeds {state['seeds']}")
     return {"modules": {k: v[0] for k, v in state["modules"].items()},
-            "optimizers": {k: {**o, "exp_avg": o["exp_avg"][0], "exp_avg_sq": o["exp_avg_sq"][0]}
-                           for k, o in state["optimizers"].items()},
-            "lr_step": state["lr_step"], "metric_sum": state["metric_sum"][0], "metric_count": state["metric_count"]}
+            "optimizers": {k: {"lr": o["lr"][0], "step": o["step"][0], "exp_avg": o["exp_avg"][0],
+                               "exp_avg_sq": o["exp_avg_sq"][0]} for k, o in state["optimizers"].items()},
+            "lr_step": state["lr_step"][0], "metric_sum": state["metric_sum"][0],
+            "metric_count": state["metric_count"][0]}
 
 
 def agent_state(ckpt: dict) -> dict:
@@ -218,10 +219,12 @@ def agent_state(ckpt: dict) -> dict:
     state = ckpt["agent"]
     if "seeds" in state:
         return state
+    one = lambda t: t.reshape(1)  # noqa: E731 - a counter or lr: one value per agent
     return {"modules": {k: [v] for k, v in state["modules"].items()},
-            "optimizers": {k: {**o, "exp_avg": [o["exp_avg"]], "exp_avg_sq": [o["exp_avg_sq"]]}
-                           for k, o in state["optimizers"].items()},
-            "lr_step": state["lr_step"], "metric_sum": state["metric_sum"][None], "metric_count": state["metric_count"],
+            "optimizers": {k: {"lr": one(o["lr"]), "step": one(o["step"]), "exp_avg": [o["exp_avg"]],
+                               "exp_avg_sq": [o["exp_avg_sq"]]} for k, o in state["optimizers"].items()},
+            "lr_step": one(state["lr_step"]), "metric_sum": state["metric_sum"][None],
+            "metric_count": one(state["metric_count"]),
             "seeds": [ckpt.get("config", {}).get("seed") or 0]}
 
 

@@ -38,15 +38,21 @@ class Draws:
         return Draws(*(torch.stack(ts) for ts in zip(*(d.tensors() for d in per_agent))))
 
 
-def sample_draws(n: int, batch: int, action_dim: int, noise_levels: int = 1,
+def sample_draws(n: int | torch.Tensor, batch: int, action_dim: int, noise_levels: int = 1,
                  generator: torch.Generator | None = None, device=None, groups: int | None = None) -> Draws:
-    """One step's draws; with `groups` (one per seed) every tensor gets a leading dimension of
-    that size, each group's draws independent of the others'."""
+    """One step's draws; with `groups` (one per agent) every tensor gets a leading dimension of
+    that size, each group's draws independent of the others'. `n`: the rows to draw from, or
+    (groups, 1) per-agent counts where the agents' datasets differ in size (transitions.AgentData):
+    then a 62-bit draw modulo each count (bias below 1e-12 for any dataset)."""
     B, K, A = batch, noise_levels, action_dim
     lead = () if groups is None else (groups,)
     g = dict(generator=generator, device=device)
+    if isinstance(n, torch.Tensor):
+        idx = torch.randint(0, 2 ** 62, (*lead, B), **g) % n
+    else:
+        idx = torch.randint(0, n, (*lead, B), **g)
     return Draws(
-        idx=torch.randint(0, n, (*lead, B), **g),
+        idx=idx,
         sigma_bc=sample_sigma((*lead, B, K), **g),
         noise_bc=torch.randn((*lead, B, K, A), **g),
         eps=torch.randn((*lead, B, A), **g),

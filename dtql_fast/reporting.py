@@ -86,14 +86,14 @@ def start_message(task: str, seed: int | None, group: list[int] | None, data, de
             f"{data.action_dim} | device {device} | step: {mode} ({why}), kernels {kernels_text} | out {out}")
 
 
-def train_rows(step: int, pretrain: bool, sps: float, metrics: list[dict], lrs: dict,
+def train_rows(step: int, pretrain: bool, sps: float, metrics: list[dict], lrs: list[dict],
                group: list[int] | None) -> list[dict]:
-    """A log interval's rows from one metrics dict per agent: for a group one per seed, with its seed in a
-    `seed` column; a single-seed run's (group None) one row, no seed column."""
+    """A log interval's rows from one metrics dict and one learning-rate dict per agent: for a group one
+    per seed, with its seed in a `seed` column; a single-seed run's (group None) one row, no seed column."""
     where = {"phase": "pretrain" if pretrain else "train", "steps_per_s": sps}
     if group is None:
-        return [{"step": step, **where, **metrics[0], **lrs}]
-    return [{"step": step, "seed": s, **where, **m, **lrs} for s, m in zip(group, metrics)]
+        return [{"step": step, **where, **metrics[0], **lrs[0]}]
+    return [{"step": step, "seed": s, **where, **m, **lr} for s, m, lr in zip(group, metrics, lrs)]
 
 
 def progress_postfix(metrics: list[dict], sps: float) -> dict:

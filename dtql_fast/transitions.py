@@ -83,3 +83,40 @@ class Transitions:
                                f"[-{max_action}, {max_action}]; rescale the actions to the box.")
         t = {k: torch.as_tensor(v.astype(np.float32), device=device) for k, v in arrays.items()}
         return cls(t["observations"], t["actions"], t["rewards"], t["next_observations"], 1.0 - t["terminals"])
+
+
+class AgentData:
+    """Each agent of a group sampling its own dataset: the datasets stored once, their rows
+    concatenated (`rows`), agent i's dataset at rows starts[i] .. starts[i] + sizes[i] - 1. Agent i's
+    batch indices are local to its dataset (draws.sample_draws with `n`), so agents sharing a
+    dataset draw as agents of a one-dataset group do."""
+
+    def __init__(self, datasets: list[Transitions], of_agent: list[int]):
+        shapes = {(d.state_dim, d.action_dim) for d in datasets}
+        if len(shapes) != 1:
+            raise DatasetError(f"the datasets of one group must share state and action widths; got "
+                               f"{sorted(shapes)} (state, action)")
+        first = datasets[0]
+        self.rows = Transitions(*(torch.cat([getattr(d, f) for d in datasets]) for f in
+                                  ("obs", "actions", "rewards", "next_obs", "not_done")))
+        begins = np.cumsum([0] + [d.n for d in datasets[:-1]])
+        self.starts = torch.tensor([[int(begins[i])] for i in of_agent], device=first.obs.device)
+        self.sizes = torch.tensor([[datasets[i].n] for i in of_agent], device=first.obs.device)
+        self._sizes = [datasets[i].n for i in of_agent]
+
+    @property
+    def n(self) -> int | torch.Tensor:
+        """Rows to draw from: one count where every agent's dataset has as many, else (agents, 1) sizes."""
+        return self._sizes[0] if len(set(self._sizes)) == 1 else self.sizes
+
+    @property
+    def state_dim(self) -> int:
+        return self.rows.state_dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.rows.action_dim
+
+    def batch(self, idx: torch.Tensor):
+        """(s, a, r, s', not_done) of each agent's rows idx (agents, B), local to its dataset."""
+        return self.rows.batch(idx + self.starts)

@@ -17,7 +17,10 @@ docs/algorithm.md, in its order. What makes it fast:
   EMA, which the release keeps but never uses, is not kept.
 - Losses accumulate on the device; `read_metrics()` is the only host read, once per log interval.
 
-Agents: `FastDTQL(..., seeds=[0, 1, 2])` is three independent agents in one step. Every
+Agents: `FastDTQL(..., seeds=[0, 1, 2])` is three independent agents in one step; with `hypers`
+they may differ in the settings that keep shapes (PER_AGENT: alpha, gamma, learning rates, lr decay,
+expectile, discount, tau), each held as a per-agent device tensor, and with transitions.AgentData
+each samples its own dataset. Every
 parameter, Adam moment, draw and metric has a leading agent dimension; each layer is one batched
 matmul over the agents, each loss a per-agent mean, and the step differentiates their sum, so each
 agent's gradient is exactly its own: the same step, the same launches, N agents. One agent is a
@@ -47,17 +50,42 @@ METRICS = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "los
 PRETRAIN_METRICS = ("loss_v", "loss_q", "loss_bc", "q_mean", "v_mean")  # what pretraining fills in
 NETWORKS = ("diffusion", "critic", "critic_target", "policy")
 
-# Step counters, one device vector so that one kernel advances them all (fastnets' launch budget):
-# Adam's step for each optimiser, training steps taken (the lr schedule) and metric rows summed.
+# Step counters, one device tensor (a column per agent) so that one kernel advances them all
+# (fastnets' launch budget): Adam's step for each optimiser, training steps taken (the lr schedule;
+# it stays 0 for an agent without lr decay) and metric rows summed.
 COUNTERS = ("critic", "diffusion", "policy", "lr_step", "metric_count")
+
+# What the agents of one group may set each for itself (per-agent tensors: another grid never
+# recompiles), and what they must share (shapes, schedule, acting, the action box the losses clamp to).
+PER_AGENT = ("alpha", "gamma", "lr", "lr_decay", "expectile", "discount", "tau", "critic_lr")
+SHARED = ("batch_size", "noise_levels", "hidden", "steps_per_epoch", "epochs", "pretrain_epochs", "eval_every",
+          "num_candidates", "max_action")
+
+
+class GroupMismatch(ValueError):
+    """Agents asked to share one step that cannot: the message names the agents and the field."""
+
+
+def check_group(hypers: Sequence[Hyper], names: Sequence[str]) -> None:
+    """Refuse a group whose agents differ in a SHARED field, naming the first such field and the agents'
+    values (`names`: how each agent is called, e.g. its seed or grid cell)."""
+    for f in SHARED:
+        values = [getattr(h, f) for h in hypers]
+        if len(set(values)) > 1:
+            by = {}
+            for name, v in zip(names, values):
+                by.setdefault(v, []).append(str(name))
+            shown = "; ".join(f"{', '.join(who)}: {v}" for v, who in by.items())
+            raise GroupMismatch(f"the agents of one group must share {f}, but they differ ({shown}); "
+                                f"train them as separate groups")
 
 
 class Adam:
     """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) on a dict of tensors, updated in place.
 
-    Same arithmetic as torch.optim.Adam. `lr` and `step` are 0-dim device tensors owned by the
-    caller: views into FastDTQL's learning-rate and counter vectors, which it sets and advances
-    for all three optimisers in one kernel each.
+    Same arithmetic as torch.optim.Adam. `lr` and `step` are device tensors owned by the caller,
+    0-dim or one value per agent (the tensors' leading dimension): views into FastDTQL's learning-
+    rate and counter tensors, which it sets and advances for all three optimisers in one kernel each.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], lr: torch.Tensor, step: torch.Tensor,
@@ -79,11 +107,15 @@ class Adam:
         bc1 = -torch.expm1(self.step * math.log(self.beta1))
         bc2_sqrt = torch.sqrt(-torch.expm1(self.step * math.log(self.beta2)))
         denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_div_(denom, self._each(bc2_sqrt))
         torch._foreach_add_(denom, self.eps)
         upd = torch._foreach_div(self.exp_avg, denom)
-        torch._foreach_mul_(upd, -self.lr / bc1)
+        torch._foreach_mul_(upd, self._each(-self.lr / bc1))
         torch._foreach_add_(self.params, upd)
+
+    def _each(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (one value, or one per agent) shaped to broadcast over each parameter's own dimensions."""
+        return [x.reshape(x.shape + (1,) * (p.dim() - x.dim())) for p in self.params]
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
@@ -102,14 +134,29 @@ class FastDTQL:
 
     `seeds`: one per agent (a leading dimension of every tensor), agent i's initial weights drawn
     under torch.manual_seed(seeds[i]) (the global RNG left as it was). One agent is a group of one.
+    `hypers`: agent i's settings (default: `hyper` for every agent); they may differ in PER_AGENT
+    fields only (GroupMismatch otherwise). `hyper` gives what the group shares.
     """
 
     def __init__(self, state_dim: int, action_dim: int, hyper: Hyper, device="cpu", kernels: str = "torch",
-                 seeds: Sequence[int] = (0,)):
+                 seeds: Sequence[int] = (0,), hypers: Sequence[Hyper] | None = None):
         h = self.hyper = hyper
         self.device = torch.device(device)
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seeds = list(check_seeds(seeds))
+        self.hypers = list(hypers) if hypers is not None else [hyper] * len(self.seeds)
+        if len(self.hypers) != len(self.seeds):
+            raise GroupMismatch(f"{len(self.hypers)} agents' settings for {len(self.seeds)} seeds")
+        check_group([hyper, *self.hypers], ["the group", *(f"agent {i} (seed {s})" for i, s in enumerate(self.seeds))])
+        N = len(self.seeds)
+        per = lambda f: torch.tensor([float(getattr(x, f)) for x in self.hypers], device=device)  # noqa: E731
+        # Per-agent settings, shaped to broadcast: (N,) against per-agent losses, (N, 1, 1) against batches.
+        self._alpha, self._gamma = per("alpha"), per("gamma")
+        self._expectile, self._discount = per("expectile").view(N, 1, 1), per("discount").view(N, 1, 1)
+        self._tau = per("tau")
+        # Which terms any agent has: a group without them leaves them out of its graph.
+        self._any_gamma = any(x.gamma != 0 for x in self.hypers)
+        self._any_decay = any(x.lr_decay for x in self.hypers)
         self.layout = fastnets.layout(state_dim, action_dim, h.hidden)
         members = []
         for seed in self.seeds:
@@ -119,18 +166,19 @@ class FastDTQL:
         packed = {net: {k: torch.stack([m[net][k] for m in members]) for k in members[0][net]} for net in NETWORKS}
         self.dp, self.cp, self.tp, self.pp = ({k: v.to(self.device) for k, v in packed[net].items()} for net in NETWORKS)
         lead = self.group_shape
-        self.counters = torch.zeros(len(COUNTERS), device=device)
+        self.counters = torch.zeros(len(COUNTERS), N, device=device)
         count = {k: self.counters[i] for i, k in enumerate(COUNTERS)}
-        # The three learning rates, one vector: the cosine decay sets them in one kernel.
-        self._lr0 = torch.tensor([h.critic_lr, h.lr, h.lr], device=device)
+        # The three learning rates of every agent, one tensor: the cosine decay sets them in one kernel.
+        self._lr0 = torch.stack([per("critic_lr"), per("lr"), per("lr")])
         self._lr = self._lr0.clone()
         self.critic_opt = Adam(self.cp, lr=self._lr[0], step=count["critic"])
         self.diffusion_opt = Adam(self.dp, lr=self._lr[1], step=count["diffusion"])
         self.policy_opt = Adam(self.pp, lr=self._lr[2], step=count["policy"])
         self.lr_step, self.metric_count = count["lr_step"], count["metric_count"]
         # What one training / pretraining step adds to the counters (one kernel for all of them).
-        self._advance = {False: torch.tensor([1.0, 1.0, 1.0, float(h.lr_decay), 1.0], device=device),
-                         True: torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], device=device)}
+        ones = torch.ones(N, device=device)
+        self._advance = {False: torch.stack([ones, ones, ones, per("lr_decay"), ones]),
+                         True: torch.stack([ones, ones, 0 * ones, 0 * ones, ones])}
         self.metric_sum = torch.zeros(*lead, len(METRICS), device=device)
         self._ones = torch.ones(1, h.batch_size, device=device)  # batch-row sums as a matmul (fastnets)
         # V(s) and V(s') in one pass where the step is launch-bound (a GPU); on a CPU, FLOP-bound,
@@ -191,9 +239,9 @@ class FastDTQL:
             with torch.no_grad():
                 next_v = fastnets.value(cp, s2)
         d = q - v
-        w = torch.where(d > 0, h.expectile, 1.0 - h.expectile)
+        w = torch.where(d > 0, self._expectile, 1.0 - self._expectile)
         loss_v = _mean(w * d * d)
-        y = r + not_done * h.discount * next_v
+        y = r + not_done * self._discount * next_v
         loss_q = _mean((q1 - y) ** 2) + _mean((q2 - y) ** 2)
         return loss_v + loss_q, (loss_v, loss_q, _mean(q), _mean(v))
 
@@ -204,18 +252,19 @@ class FastDTQL:
         h = self.hyper
         mu, std, log_std = fastnets.policy(pp, s)
         a_new = fastnets.sample_action(mu, std, eps, h.max_action)
-        # alpha rides inside the loss op, so the trust region's gradient reaches the policy scaled
-        # already (no separate multiplication pass on a GPU).
-        tr_weighted, loss_tr = self._edm_loss_fn(self.dp, a_new, s, sigma, noise, h.alpha)
+        # Each agent's alpha scales its loss; the EDM op's backward scales its precomputed gradient
+        # by that upstream value anyway, so this costs no pass of its own on a GPU.
+        tr, loss_tr = self._edm_loss_fn(self.dp, a_new, s, sigma, noise, 1.0)
         loss_q = -_mean(fastnets.q_pair(self.cp, torch.cat([s, a_new], dim=-1), h.hidden, self._ones).amin(dim=-3))
-        loss = tr_weighted + loss_q
+        loss = self._alpha * tr + loss_q
         loss_ent = torch.zeros_like(loss_q)
-        if h.gamma != 0:
+        if self._any_gamma:
             # Release quirk: the "entropy" term is the NLL of the dataset actions.
             z = torch.atanh(a / (h.max_action + 1e-3))
             log_prob = (-((z - mu) ** 2) / (2 * std * std) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-            loss_ent = -log_prob.mean(dim=-1)
-            loss = loss + h.gamma * loss_ent
+            nll = -log_prob.mean(dim=-1)
+            loss = loss + self._gamma * nll
+            loss_ent = torch.where(self._gamma != 0, nll, 0.0)  # an agent without the term reports none
         return loss, (loss_tr, loss_q, loss_ent, loss)
 
     # -- the step -----------------------------------------------------------------------------
@@ -249,14 +298,16 @@ class FastDTQL:
             g, (loss_tr, loss_pq, loss_ent, loss_pi) = _grad(
                 self._policy_loss, self.pp, s, a, draws.eps, draws.sigma_tr, draws.noise_tr)
             self.policy_opt.update(g)
-        # 4. critic target soft update
+        # 4. critic target soft update, each agent with its tau
         with phase("target_update"), torch.no_grad():
             tp, cp = list(self.tp.values()), list(self.cp.values())
-            torch._foreach_mul_(tp, 1.0 - h.tau)
-            torch._foreach_add_(tp, cp, alpha=h.tau)
-        # 5. cosine learning-rate decay, on the device (lr_step advanced with the counters)
+            tau = [self._tau.view((-1,) + (1,) * (t.dim() - 1)) for t in tp]
+            torch._foreach_mul_(tp, [1.0 - x for x in tau])
+            torch._foreach_add_(tp, torch._foreach_mul(cp, tau))
+        # 5. cosine learning-rate decay, on the device (lr_step advanced with the counters; it stays 0,
+        # and the factor exactly 1, for an agent without decay)
         with phase("lr_decay"), torch.no_grad():
-            if h.lr_decay:
+            if self._any_decay:
                 self._lr.copy_(self._lr0 * (0.5 * (1.0 + torch.cos(math.pi * self.lr_step / h.total_steps))))
         with torch.no_grad():
             m = torch.stack([loss_v, loss_q, loss_bc, loss_tr, loss_pq, loss_ent, loss_pi, q_mean, v_mean], dim=-1)
@@ -299,16 +350,18 @@ class FastDTQL:
     def read_metrics(self, pretrain: bool = False) -> list[dict[str, float]]:
         """Mean of each metric since the last read, one dict per agent; the one host sync of a log
         interval."""
-        n = self.metric_count.item()
-        means = (self.metric_sum / max(n, 1.0)).tolist()
+        means = (self.metric_sum / self.metric_count.clamp(min=1.0)[:, None]).tolist()
         self.metric_sum.zero_(); self.metric_count.zero_()
-        keep = PRETRAIN_METRICS if pretrain else [k for k in METRICS if k != "loss_ent" or self.hyper.gamma]
-        pick = lambda row: {k: v for k, v in zip(METRICS, row) if k in keep}  # noqa: E731
-        return [pick(row) for row in means]
 
-    def lrs(self) -> dict[str, float]:
-        return {"lr_critic": self.critic_opt.lr.item(), "lr_diffusion": self.diffusion_opt.lr.item(),
-                "lr_policy": self.policy_opt.lr.item()}
+        def pick(row, h):
+            keep = PRETRAIN_METRICS if pretrain else [k for k in METRICS if k != "loss_ent" or h.gamma]
+            return {k: v for k, v in zip(METRICS, row) if k in keep}
+
+        return [pick(row, h) for row, h in zip(means, self.hypers)]
+
+    def lrs(self) -> list[dict[str, float]]:
+        """Each agent's three learning rates now."""
+        return [{"lr_critic": c, "lr_diffusion": d, "lr_policy": p} for c, d, p in zip(*self._lr.tolist())]
 
     def params(self) -> dict[str, dict[str, torch.Tensor]]:
         """The packed parameter dicts, by network: what the step updates in place."""
@@ -440,7 +493,7 @@ class StepRunner:
         def fn():
             with phase("sample"):
                 draws = sample_draws(data.n, h.batch_size, agent.action_dim, h.noise_levels, device=agent.device,
-                                     groups=len(agent.seeds))
+                                     groups=len(agent.seeds))  # data.n: per-agent sizes (AgentData) or one
             return step(data, draws)
 
         self.compile_seconds = 0.0

@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "which makes each agent's step evict the others' state from the CPU caches")
     p.add_argument("--seeds-mode", choices=["compile", "eager"], default="compile",
                    help="with --seeds: compiled (torch.compile fullgraph) or eager steps on both sides")
+    p.add_argument("--seeds-mixed", action="store_true",
+                   help="with --seeds: the agents differ in every per-agent setting (alpha, gamma, lr, lr decay, "
+                        "expectile, discount, tau, critic lr) and alternate between two datasets; each single-agent "
+                        "run has its agent's settings and data")
     p.add_argument("--perturb", choices=[v for v in VARIANTS if v != "reference"], default=None,
                    metavar="VARIANT",
                    help=f"self-test of the harness: after VARIANT's first step add {PERTURB_DELTA:g} to one "
@@ -411,10 +415,13 @@ def _main_seeds(args, argv, parser, hyper, data, data_desc, task_name, device) -
         parser.error(f"--seeds-block {args.seeds_block}: a block is at least 1 step")
     machine = machine_info(device)
     rows = [seeds_bench.run_group(n, data.state_dim, data.action_dim, hyper, data, device, args.steps,
-                                  args.warmup, args.seeds_mode == "compile", args.seed, args.seeds_block)
+                                  args.warmup, args.seeds_mode == "compile", args.seed, args.seeds_block,
+                                  mixed=args.seeds_mixed)
             for n in sizes]
+    mixed = (" (mixed: the agents differ in every per-agent setting and alternate between the data and its first "
+             "half)" if args.seeds_mixed else "")
     print(f"# many seeds in one step: {task_name} (S={data.state_dim}, A={data.action_dim}, B={hyper.batch_size}, "
-          f"hidden={hyper.hidden}), {data_desc}; {args.seeds_mode} steps")
+          f"hidden={hyper.hidden}), {data_desc}; {args.seeds_mode} steps{mixed}")
     print(f"# {device}: {machine['gpu'] or machine['cpu']}, {machine['torch_threads']} torch threads, load "
           f"{machine['loadavg_at_start']}; {args.warmup} warm-up + {args.steps} timed steps per group size, blocks of {args.seeds_block}")
     print(seeds_bench.format_rows(rows))
@@ -423,7 +430,7 @@ def _main_seeds(args, argv, parser, hyper, data, data_desc, task_name, device) -
     if args.json:
         meta = {"task": task_name, "data": data_desc, "state_dim": data.state_dim, "action_dim": data.action_dim,
                 "batch_size": hyper.batch_size, "hidden": hyper.hidden, "device": str(device),
-                "mode": args.seeds_mode, "steps": args.steps, "warmup": args.warmup, "block": args.seeds_block,
+                "mode": args.seeds_mode, "mixed": args.seeds_mixed, "steps": args.steps, "warmup": args.warmup, "block": args.seeds_block,
                 "machine": machine,
                 "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dtql_fast.profiling.bench", *argv]),
                 "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

@@ -2,6 +2,7 @@
 
     python -m dtql_fast.profiling.launches --task antmaze-umaze-v0 --kernels torch,triton --json out.json
     python -m dtql_fast.profiling.launches --task walker2d-medium-v2 --seeds 5   # a group of 5 seeds
+    python -m dtql_fast.profiling.launches --task walker2d-medium-v2 --seeds 30 --mixed  # 30 agents, own settings
 
 The method is in profiling/fake_cuda.py, which the team's gpu_offline.py tool (--part step)
 also uses: a fake CUDA device inside the CPU torch build, dynamo's graph of the StepRunner
@@ -28,7 +29,16 @@ from dtql_fast.profiling import fake_cuda  # imports only the standard library: 
 SYNTHETIC_ROWS = 1000
 
 
-def _capture(task: str, kernels: str, seeds: int | None):
+def mixed_group(hyper, n: int) -> list:
+    """n agents' settings that differ in every per-agent field (update.PER_AGENT), cycling: the group the
+    --mixed count compiles (and a grid of tasks x settings x seeds would)."""
+    cycle = [dict(alpha=1.0, gamma=0.0, lr_decay=True), dict(alpha=5.0, gamma=1.0, lr_decay=False, lr=1e-4),
+             dict(alpha=20.0, gamma=0.0, lr_decay=False, expectile=0.9, discount=0.95),
+             dict(alpha=5.0, gamma=1.0, lr_decay=True, tau=0.01, critic_lr=1e-4)]
+    return [hyper.replace(**cycle[i % len(cycle)]) for i in range(n)]
+
+
+def _capture(task: str, kernels: str, seeds: int | None, mixed: bool = False):
     """Dynamo's one graph of StepRunner('compile') for `task`'s shapes, captured on the CPU."""
     import torch
     from dtql_fast import update
@@ -45,7 +55,14 @@ def _capture(task: str, kernels: str, seeds: int | None):
                        torch.randn(N, 1, generator=g), torch.randn(N, S, generator=g),
                        (torch.rand(N, 1, generator=g) > 0.1).float())
     torch.manual_seed(0)
-    agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels, seeds=list(range(seeds or 1)))
+    n = seeds or 1
+    hypers = mixed_group(hyper, n) if mixed else None
+    if mixed:  # two datasets of different sizes, agents alternating between them
+        from dtql_fast.transitions import AgentData
+        other = Transitions(*(t[: N // 2].clone() for t in (data.obs, data.actions, data.rewards, data.next_obs,
+                                                             data.not_done)))
+        data = AgentData([data, other], [i % 2 for i in range(n)])
+    agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels, seeds=list(range(n)), hypers=hypers)
     agent.joint_value = True  # built on the CPU, but the graph counted is the one a GPU runs
     captured = []
 
@@ -63,17 +80,17 @@ def _capture(task: str, kernels: str, seeds: int | None):
     if len(captured) != 1:
         raise RuntimeError(f"expected one graph (fullgraph=True), got {len(captured)}")
     return captured[0], {"task": name, "state_dim": S, "action_dim": A, "batch": hyper.batch_size,
-                         "noise_levels": hyper.noise_levels, "seeds": seeds}
+                         "noise_levels": hyper.noise_levels, "seeds": seeds, "mixed": mixed}
 
 
-def child(task: str, kernels: str, seeds: int | None, out: str) -> None:
+def child(task: str, kernels: str, seeds: int | None, out: str, mixed: bool = False) -> None:
     fake_cuda.load()  # before torch is imported
     import torch
     torch.set_num_threads(1)
     result = {"kernels": kernels, "ok": False}
     t0 = time.perf_counter()
     try:
-        (gm, example_inputs), shapes = _capture(task, kernels, seeds)
+        (gm, example_inputs), shapes = _capture(task, kernels, seeds, mixed)
         result.update(shapes)
         fake_cuda.retarget_to_cuda(gm)
         from torch._inductor.compile_fx import compile_fx
@@ -112,7 +129,7 @@ def child(task: str, kernels: str, seeds: int | None, out: str) -> None:
     Path(out).write_text(json.dumps(result, indent=1, default=str))
 
 
-def count(task: str, kernels: list[str], seeds: int | None = None) -> dict:
+def count(task: str, kernels: list[str], seeds: int | None = None, mixed: bool = False) -> dict:
     """Run one child process per kernels mode (the fake CUDA library must load before torch)."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="dtql_launches_") as tmp:
@@ -124,7 +141,7 @@ def count(task: str, kernels: list[str], seeds: int | None = None) -> dict:
             out = os.path.join(tmp, f"{mode}.json")
             proc = subprocess.run([sys.executable, "-m", "dtql_fast.profiling.launches", "--child", "--task", task,
                                    "--kernels", mode, "--json", out]
-                                  + ([] if seeds is None else ["--seeds", str(seeds)]),
+                                  + ([] if seeds is None else ["--seeds", str(seeds)]) + (["--mixed"] if mixed else []),
                                   env=env, capture_output=True, text=True)
             results[mode] = (json.loads(Path(out).read_text()) if os.path.exists(out) else
                              {"kernels": mode, "ok": False, "error": f"child exited {proc.returncode}: "
@@ -141,7 +158,9 @@ def format_table(results: dict) -> str:
     if not oks:
         return "\n".join(lines)
     first = next(iter(oks.values()))
-    group = "" if first.get("seeds") is None else f", {first['seeds']} seeds in one step"
+    group = "" if first.get("seeds") is None else f", {first['seeds']} agents in one step"
+    if first.get("mixed"):
+        group += " (mixed: every per-agent setting varied, two datasets)"
     lines.append(f"{first['task']} (state {first['state_dim']}, action {first['action_dim']}, batch {first['batch']}, "
                  f"K={first['noise_levels']}{group}): compiled-step launches on {first['device']} "
                  "(compile-time counts, not timings)")
@@ -161,15 +180,20 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="walker2d-medium-v2", help="a task of the table, or a family (walker2d, antmaze)")
     ap.add_argument("--kernels", default="torch,triton", help="comma-separated kernels= modes")
     ap.add_argument("--seeds", type=int, help="count the step of a group of this many seeds (FastDTQL(seeds=...))")
+    ap.add_argument("--mixed", action="store_true",
+                    help="with --seeds: the agents differ in every per-agent setting (alpha, gamma, lr, lr decay, "
+                         "expectile, discount, tau, critic lr) and sample two datasets of different sizes")
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.task, args.kernels, args.seeds, args.json)
+        child(args.task, args.kernels, args.seeds, args.json, args.mixed)
         return 0
     if args.seeds is not None and args.seeds < 1:
         ap.error(f"--seeds {args.seeds}: a group has at least one seed")
-    results = count(args.task, [m for m in args.kernels.split(",") if m], args.seeds)
+    if args.mixed and args.seeds is None:
+        ap.error("--mixed needs --seeds N (a group of N agents)")
+    results = count(args.task, [m for m in args.kernels.split(",") if m], args.seeds, args.mixed)
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -18,6 +18,8 @@ import time
 import torch
 
 from dtql_fast.draws import Draws
+from dtql_fast.profiling.launches import mixed_group
+from dtql_fast.transitions import AgentData, Transitions
 from dtql_fast.profiling.equivalence import compare
 from dtql_fast.profiling.variants import _sync, make_draws, metric_keys
 from dtql_fast.update import METRICS, FastDTQL
@@ -29,16 +31,25 @@ def _params(agent: FastDTQL, i: int = 0) -> dict[str, torch.Tensor]:
 
 
 def run_group(n: int, S: int, A: int, hyper, data, device, steps: int, warmup: int, compiled: bool,
-              seed: int, block: int = 10) -> dict:
+              seed: int, block: int = 10, mixed: bool = False) -> dict:
+    """`mixed`: the agents differ in every per-agent setting (profiling.launches.mixed_group) and alternate
+    between `data` and its first half (transitions.AgentData); each single runs its own settings and data."""
     seeds = list(range(seed, seed + n))
-    group = FastDTQL(S, A, hyper, device, seeds=seeds)
-    singles = [FastDTQL(S, A, hyper, device, seeds=[s]) for s in seeds]  # seed s's run: a group of one
+    hypers = mixed_group(hyper, n) if mixed else [hyper] * n
+    datasets, of_agent = [data], [0] * n
+    if mixed:
+        half = Transitions(*(t[: data.n // 2] for t in (data.obs, data.actions, data.rewards, data.next_obs,
+                                                          data.not_done)))
+        datasets, of_agent = [data, half], [i % 2 for i in range(n)]
+    group_data = AgentData(datasets, of_agent)
+    group = FastDTQL(S, A, hyper, device, seeds=seeds, hypers=hypers)
+    singles = [FastDTQL(S, A, h, device, seeds=[s]) for h, s in zip(hypers, seeds)]  # each agent's own run
     torch._dynamo.reset()
     wrap = (lambda f: torch.compile(f, fullgraph=True)) if compiled else (lambda f: f)
     group_step = wrap(group.train_step)
     single_steps = [wrap(a.train_step) for a in singles]
     total = warmup + steps
-    per_seed = [make_draws(data.n, hyper, A, total, 1000 * s + 1, device) for s in seeds]
+    per_seed = [make_draws(datasets[k].n, hyper, A, total, 1000 * s + 1, device) for s, k in zip(seeds, of_agent)]
     keep = [METRICS.index(k) for k in metric_keys(hyper)]
     t_group, t_single = [0.0] * total, [0.0] * total
     m_group, m_single = [None] * total, [[None] * total for _ in seeds]
@@ -56,21 +67,21 @@ def run_group(n: int, S: int, A: int, hyper, data, device, steps: int, warmup: i
     for b in range(0, total, block):
         rows = range(b, min(b + block, total))
         for i in rows:
-            m_group[i], t_group[i] = timed(group_step, data, Draws.stack([d[i] for d in per_seed]))
+            m_group[i], t_group[i] = timed(group_step, group_data, Draws.stack([d[i] for d in per_seed]))
         for j, step in enumerate(single_steps):
             for i in rows:
-                m_single[j][i], t = timed(step, data, per_seed[j][i].as_group())
+                m_single[j][i], t = timed(step, datasets[of_agent[j]], per_seed[j][i].as_group())
                 t_single[i] += t
     first = {"group_s": t_group[0] / 1e3, "singles_s": t_single[0] / 1e3}
     t_group, t_single = t_group[warmup:], t_single[warmup:]
     hist_group = [[[m_group[i][j, k].item() for k in keep] for i in range(total)] for j in range(n)]
     hist_single = [[[m_single[j][i][0, k].item() for k in keep] for i in range(total)] for j in range(n)]
-    lrs = {"diffusion": hyper.lr, "policy": hyper.lr, "critic": hyper.critic_lr, "critic_target": hyper.critic_lr}
+    lrs = lambda h: {"diffusion": h.lr, "policy": h.lr, "critic": h.critic_lr, "critic_target": h.critic_lr}  # noqa: E731
     checks = [compare({"hist": hist_single[j], "params": _params(singles[j])},
-                      {"hist": hist_group[j], "params": _params(group, j)}, None, metric_keys(hyper), lrs)
+                      {"hist": hist_group[j], "params": _params(group, j)}, None, metric_keys(hyper), lrs(hypers[j]))
               for j in range(n)]
     group_ms, singles_ms = statistics.median(t_group), statistics.median(t_single)
-    return {"seeds": seeds, "compiled": compiled, "block": block, "first_call": first,
+    return {"seeds": seeds, "compiled": compiled, "mixed": mixed, "block": block, "first_call": first,
             "group_ms": group_ms, "seed_step_ms": group_ms / n,
             "singles_ms": singles_ms, "single_step_ms": singles_ms / n,
             "seed_step_over_single_step": (group_ms / n) / (singles_ms / n),

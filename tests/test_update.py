@@ -95,7 +95,7 @@ def test_one_step_eager_matches_reference(task):
         if h.gamma:
             assert mf[METRICS.index("loss_ent")].item() == pytest.approx(mr["loss_ent"].item(), rel=1e-5)
     _check_params(ref, fast, atol=1e-6, h=h, roundoff=roundoff)
-    assert fast.lrs()["lr_policy"] == pytest.approx(ref.policy_opt.param_groups[0]["lr"], rel=1e-6)
+    assert fast.lrs()[0]["lr_policy"] == pytest.approx(ref.policy_opt.param_groups[0]["lr"], rel=1e-6)
 
 
 def test_round_off_bound_catches_a_weight_off_by_one_step():
@@ -149,7 +149,7 @@ def test_pretrain_step_matches_reference():
         roundoff.pretrain_step(data, d)
         _check_losses(mr, mf, 1e-5, 1e-6, keys=PRETRAIN_METRICS[:3])
     _check_params(ref, fast, atol=1e-6, h=h, roundoff=roundoff)
-    assert fast.lrs()["lr_critic"] == pytest.approx(3e-4, rel=1e-7) and fast.lr_step.item() == 0
+    assert fast.lrs()[0]["lr_critic"] == pytest.approx(3e-4, rel=1e-7) and fast.lr_step.item() == 0
 
 
 def test_act_matches_reference():

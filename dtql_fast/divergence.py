@@ -32,11 +32,6 @@ def what_is_kept(last_good: tuple[Path, int] | None) -> str:
             "repeats the same numbers, so start a new run (another --out) with a lower --lr or other settings")
 
 
-def seed_labels(seeds: list[int]) -> list[str]:
-    """What names each agent in a message: "seed 7: ", one per agent of a group."""
-    return [f"seed {s}: " for s in seeds]
-
-
 class WeightWatch:
     """max |w| over every parameter of each agent's networks (FastDTQL.params(): packed tensors, agent
     dimension first): NaN if any weight is NaN, inf if any is inf."""
@@ -53,7 +48,8 @@ class WeightWatch:
 def check_log_row(step: int, metrics: list[dict[str, float]], weight_max: torch.Tensor, labels: list[str]):
     """Raise Diverged if a logged loss or the weights are not finite (after the log read synced).
     metrics: one dict per agent (FastDTQL.read_metrics), weight_max one value per agent (WeightWatch);
-    what is not finite is named with its agent's label (seed_labels; "" where the run has one seed)."""
+    what is not finite is named with its agent's label ("seed 7: ", "alpha=5, seed 7: "; "" where the run has
+    one seed)."""
     weights = weight_max.tolist()
     bad = []
     for label, m, w in zip(labels, metrics, weights):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import optional
+from .reporting import agent_name
 
 gym = optional.gymnasium()  # absent on a bare GPU machine: evaluation says so when asked for
 
@@ -235,7 +236,7 @@ def main(argv=None) -> list[dict]:
     from . import checkpoint
     from .seeds import SeedListError, parse_seeds
     from .tasks import Hyper
-    from .train import TrainConfig, _device, eval_rows, evaluate_agents, load_run_data, net_shapes
+    from .train import TrainConfig, _device, agent_labels, eval_rows, evaluate_agents, load_run_data, net_shapes
     from .transitions import DatasetError
     from .update import FastDTQL
 
@@ -278,7 +279,8 @@ def main(argv=None) -> list[dict]:
         if set(keep) - set(agents):
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
         loaded = load_run_data(cfg, device)
-        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents)
+        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents,
+                         hypers=cfg.agent_hypers(hyper))
         checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
         if loaded.env_problem:
             raise DatasetError(f"evaluation for {cfg.task} cannot run: {loaded.env_problem}")
@@ -288,35 +290,37 @@ def main(argv=None) -> list[dict]:
     step = ckpt["step"]
     episodes = a.episodes or cfg.eval_episodes or loaded.task.eval_episodes
     results = evaluate_agents(agent.act, loaded, hyper, device, cfg, step, episodes, first_env_seed=a.env_seed)
-    rows = [r for r in eval_rows(results, step, 0, agents) if r["seed"] in keep]  # each names its seed
+    who = agent_labels(cfg) or [{"seed": s} for s in agents]  # each row names its agent
+    picked = [(i, r) for i, r in enumerate(eval_rows(results, step, 0, who)) if r["seed"] in keep]
+    rows = [r for _, r in picked]
     for r in rows:
         r.pop("epoch")
         score = f", normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
-        print(f"{cfg.task} | seed {r['seed']} | {a.checkpoint} checkpoint, step {step} | {episodes} "
+        print(f"{cfg.task} | {agent_name(r)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
               f"episodes from env seed {r['env_seed']}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}")
     out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
            "best": ckpt.get("best"), "agents": rows}
     if a.video:
-        doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, rows, Path(a.video))
+        doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, picked, Path(a.video))
     out.write_text(json.dumps(doc, indent=2))
     print(f"written: {out}")
     return rows
 
 
-def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[dict], video) -> list[dict]:
-    """One episode per agent of `rows` (its evaluation rows), acting as evaluation does (train.eval_generator),
-    from that agent's first evaluation env seed; written to `video` (one file per agent of a group)."""
+def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[tuple[int, dict]], video) -> list[dict]:
+    """One episode per agent of `rows` ((agent index, its evaluation row)), acting as evaluation does
+    (train.eval_generator), from that agent's first evaluation env seed; written to `video` (one file per agent
+    of a group)."""
     from .train import eval_generator
 
     A, R = loaded.transitions.action_dim, hyper.num_candidates
     seeds = cfg.agents
     done = []
-    for row in rows:
+    for i, row in rows:
         seed = row["seed"]
         gen = eval_generator(seed, step, device)
         # The agents' acting rule, with only this agent's env live.
-        i = seeds.index(seed)
         gens = [gen if j == i else torch.Generator(device).manual_seed(0) for j in range(len(seeds))]
         act_g = make_group_act_fn(agent.act, A, R, device, gens)
         live = torch.zeros(len(seeds), 1, dtype=torch.bool)
@@ -331,13 +335,14 @@ def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[dict]
         except Exception as e:  # noqa: BLE001 - a missing GL backend shows up as many exception types
             raise SystemExit(f"error: --video: rendering failed ({type(e).__name__}: {e}); {RENDER_HELP}. "
                              "Evaluation itself works without --video") from None
-        path = video if cfg.single_seed else video.with_name(f"{video.stem}-seed{seed}{video.suffix}")
+        cell = f"-{row['setting'].replace(',', '_')}" if "setting" in row else ""
+        path = video if cfg.single_seed else video.with_name(f"{video.stem}{cell}-seed{seed}{video.suffix}")
         try:
             write_video(frames, path)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"video: seed {seed}, env seed {row['env_seed']}: {len(frames)} frames, return {ret:.2f} -> {path}")
-        done.append({"seed": seed, "env_seed": row["env_seed"], "frames": len(frames), "return": ret, "path": str(path)})
+        print(f"video: {agent_name(row)}, env seed {row['env_seed']}: {len(frames)} frames, return {ret:.2f} -> {path}")
+        done.append({**{k: row[k] for k in ("setting", "seed") if k in row}, "env_seed": row["env_seed"], "frames": len(frames), "return": ret, "path": str(path)})
     return done
 
 

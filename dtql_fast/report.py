@@ -128,6 +128,7 @@ class SeedRun:
     data_note: str | None = None                # see data_note
     time: RunTime | None = None                 # a seed group's seeds share their process's
     problems: list[str] = field(default_factory=list)   # runs.problems: what could not be read, how it ended
+    setting: str | None = None                  # a grid's cell (train --alpha 1,5: "alpha=5"); None outside a grid
 
     @property
     def last(self) -> float | None:
@@ -261,18 +262,22 @@ def _read_run(d: Path) -> list[SeedRun]:
     # A seed group's folder (train --seeds; the sweep writes "seeds" in status.json too, before config.json
     # exists) holds every seed's rows, each tagged with its seed; a single run's rows are all its one seed's.
     group = cfg.get("config", {}).get("seeds") or status.get("seeds")
-    if isinstance(group, list):
-        per_seed = [(s, [r for r in eval_rows if r.get("seed") == s]) for s in group]
+    # A grid's folder (train --alpha 1,5) tags each row with its setting too: one agent per setting and seed.
+    cells = list(dict.fromkeys(r["setting"] for r in train_rows + eval_rows if "setting" in r)) or [None]
+    if isinstance(group, list) or cells != [None]:
+        seeds = group if isinstance(group, list) else [cfg.get("config", {}).get("seed") or 0]
+        per_seed = [((c, s), [r for r in eval_rows if r.get("seed") == s and r.get("setting") == c])
+                    for c in cells for s in seeds]
     else:
-        per_seed = [(cfg.get("config", {}).get("seed", status.get("seed")), eval_rows)]
+        per_seed = [((None, cfg.get("config", {}).get("seed", status.get("seed"))), eval_rows)]
     note = data_note(task, cfg)
     timed = run_time(task, cfg, runs.read_json(d / runfolder.SUMMARY), eval_rows, len(per_seed))
     problems = runs.problems(d)
     out = []
-    for s, rows in per_seed:
+    for (setting, s), rows in per_seed:
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
-        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed, problems))
+        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed, problems, setting))
     return out
 
 
@@ -442,13 +447,15 @@ def to_markdown(rows: list[TaskRow], seed_runs: list[SeedRun], root: Path) -> st
                          f"{_hours(t.hours_per_seed)} | {_num(t.paper_hours)} | "
                          f"{_speedup(t)} | {_num(t.s_per_1k)} | {time_basis(t)} |")
 
+    lines += settings_tables(seed_runs)
     lines += ["", "## Runs", "", "| task | seed | state | step | evaluations | last | best | process hours | note |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(seed_runs, key=lambda r: (r.task, r.seed if r.seed is not None else -1)):
+    for r in sorted(seed_runs, key=lambda r: (r.task, r.setting or "", r.seed if r.seed is not None else -1)):
         step = f"{r.step if r.step is not None else 0:,}/{r.total:,}" if r.total else "–"
         note = "; ".join(([r.error] if r.error else []) + r.problems).replace("|", "\\|")
         hours = "unknown" if r.time is None else f"{r.time.process_s / 3600:.3f}"
-        lines.append(f"| {r.task} | {r.seed} | {r.state} | {step} | {len(r.evals)} | {_num(r.last)} | "
+        who = f"{r.setting}, {r.seed}" if r.setting is not None else r.seed
+        lines.append(f"| {r.task} | {who} | {r.state} | {step} | {len(r.evals)} | {_num(r.last)} | "
                      f"{_num(r.best)} | {hours} | {note} |")
     warned = warnings(seed_runs)
     if warned:
@@ -456,6 +463,36 @@ def to_markdown(rows: list[TaskRow], seed_runs: list[SeedRun], root: Path) -> st
                   "above are as far as they could be read.", ""]
         lines += [f"- `{d}`: {w}" for d, w in warned]
     return "\n".join(lines) + "\n"
+
+
+def settings_tables(seed_runs: list[SeedRun]) -> list[str]:
+    """Markdown for the grids' runs (train --alpha 1,5 ...): a table per set of varied settings, rows the
+    settings, columns the tasks, cells each seed's last evaluation, mean ± sample std (and SE) over the seeds.
+    Nothing where no run is a grid; Table 1 above holds only runs at the task's own settings."""
+    grid = [r for r in seed_runs if r.setting is not None and r.state != "failed" and r.evals]
+    if not grid:
+        return []
+    lines = ["", "## Settings", "",
+             "Grid runs (one agent per setting and seed in one step): each seed's latest evaluation, mean ± sample std "
+             "over the seeds (SE: std / √seeds). Not in the table above, which is at each task's own settings."]
+    by_fields: dict[tuple, list[SeedRun]] = {}
+    for r in grid:  # "alpha=5,lr=0.0001" varies alpha and lr
+        by_fields.setdefault(tuple(kv.split("=")[0] for kv in r.setting.split(",")), []).append(r)
+    for fields_, rs in by_fields.items():
+        tasks = sorted({r.task for r in rs})
+        settings = list(dict.fromkeys(r.setting for r in rs))
+        lines += ["", f"### {', '.join(fields_)}", "", "| setting | " + " | ".join(tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
+        for setting in settings:
+            cells = []
+            for task in tasks:
+                last = [r.last for r in rs if r.setting == setting and r.task == task]
+                ms, se = mean_std(last), None
+                if ms is not None and ms[1] is not None:
+                    se = ms[1] / len(last) ** 0.5
+                cells.append("–" if ms is None else f"{_ms(ms)} (SE {_pm(se)}, {len(last)} seeds)")
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def warnings(seed_runs: list[SeedRun]) -> list[tuple[Path, str]]:
@@ -582,7 +619,7 @@ def report(root: Path, out: Path | None = None) -> tuple[str, list[TaskRow], lis
                                 "metrics.jsonl)")
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarise(seed_runs)
+    rows = summarise([r for r in seed_runs if r.setting is None])  # Table 1: runs at the task's own settings
     md = to_markdown(rows, seed_runs, root)
     (out / "report.md").write_text(md)
     to_csv(rows, out / "report.csv")

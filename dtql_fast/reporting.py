@@ -72,33 +72,53 @@ class MetricLog:
             t.close()
 
 
-# -- a single-seed run or a group: the rows, messages and summary whose formats differ --------------------
-# `group` is the seed list a run folder shows, None in a --seed run's single-seed format (TrainConfig.single_seed).
+# -- a single-seed run, a seed group or a grid: the rows, messages and summary whose formats differ ----------
+# `who` names each agent in its rows: [{"seed": s}, ...] for a seed group, [{"setting": "alpha=5", "seed": s},
+# ...] for a grid (train.agent_labels); None in a --seed run's single-seed format (TrainConfig.single_seed).
 
 
-def start_message(task: str, seed: int | None, group: list[int] | None, data, device: torch.device, mode: str,
+def agent_name(w: dict) -> str:
+    """An agent as messages name it: 'seed 3', or in a grid 'alpha=5, seed 3'."""
+    return (f"{w['setting']}, " if "setting" in w else "") + f"seed {w['seed']}"
+
+
+def _by_setting(items: list, who: list[dict]) -> dict[str | None, list]:
+    """items (one per agent) split by the agents' grid cells, in order (one key, None, outside a grid)."""
+    out: dict[str | None, list] = {}
+    for x, w in zip(items, who):
+        out.setdefault(w.get("setting"), []).append(x)
+    return out
+
+
+def start_message(task: str, seed: int | None, who: list[dict] | None, data, device: torch.device, mode: str,
                   why: str, kernels: str, out: Path) -> str:
-    """A run's first line: what it trains (the seed, or the group), on what data and device, how its step runs
-    (`mode`: eager, compile, cudagraph or auto, and why) with which EDM kernels, and where it writes."""
+    """A run's first line: what it trains (the seed, the group or the grid), on what data and device, how its
+    step runs (`mode`: eager, compile, cudagraph or auto, and why) with which EDM kernels, and where it writes."""
     kernels_text = kernels if device.type == "cuda" or kernels == "torch" else f"{kernels} (their PyTorch form on a CPU)"
-    who = f"seed {seed}" if group is None else f"seeds {format_seeds(group)} ({len(group)} agents, one step)"
-    return (f"dtql_fast | task {task} | {who} | {data.n} transitions, state {data.state_dim}, action "
+    if who is None:
+        agents = f"seed {seed}"
+    else:
+        seeds = list(dict.fromkeys(w["seed"] for w in who))
+        settings = [k for k in _by_setting(who, who) if k is not None]
+        grid = f" x settings {'; '.join(settings)}" if settings else ""
+        agents = f"seeds {format_seeds(seeds)}{grid} ({len(who)} agents, one step)"
+    return (f"dtql_fast | task {task} | {agents} | {data.n} transitions, state {data.state_dim}, action "
             f"{data.action_dim} | device {device} | step: {mode} ({why}), kernels {kernels_text} | out {out}")
 
 
 def train_rows(step: int, pretrain: bool, sps: float, metrics: list[dict], lrs: list[dict],
-               group: list[int] | None) -> list[dict]:
-    """A log interval's rows from one metrics dict and one learning-rate dict per agent: for a group one
-    per seed, with its seed in a `seed` column; a single-seed run's (group None) one row, no seed column."""
+               who: list[dict] | None) -> list[dict]:
+    """A log interval's rows from one metrics dict and one learning-rate dict per agent: one per agent, named
+    by its `who` columns (seed; setting in a grid); a single-seed run's (who None) one row, no such column."""
     where = {"phase": "pretrain" if pretrain else "train", "steps_per_s": sps}
-    if group is None:
+    if who is None:
         return [{"step": step, **where, **metrics[0], **lrs[0]}]
-    return [{"step": step, "seed": s, **where, **m, **lr} for s, m, lr in zip(group, metrics, lrs)]
+    return [{"step": step, **w, **where, **m, **lr} for w, m, lr in zip(who, metrics, lrs)]
 
 
 def progress_postfix(metrics: list[dict], sps: float) -> dict:
     """The progress bar's losses: the mean over the agents (one dict each)."""
-    metrics = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
+    metrics = {k: statistics.fmean(m[k] for m in metrics if k in m) for k in metrics[0]}
     return {k.replace("loss_", ""): f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")} | {"it/s": f"{sps:.0f}"}
 
 
@@ -109,12 +129,12 @@ def eval_mean(rows: list[dict]) -> tuple[float, str]:
     return sum(r[key] for r in rows) / len(rows), key.removesuffix("_mean")
 
 
-def eval_rows(results: list[dict], step: int, epoch: int, group: list[int] | None) -> list[dict]:
-    """An evaluation's rows: one for one agent; for a group one per seed, with its seed in a `seed` column
-    (`env_seed` is the evaluation envs' seed)."""
-    if group is None:
+def eval_rows(results: list[dict], step: int, epoch: int, who: list[dict] | None) -> list[dict]:
+    """An evaluation's rows: one per agent, named by its `who` columns (`env_seed` is the evaluation envs'
+    seed); a single-seed run's one row, no such column."""
+    if who is None:
         return [{"step": step, "epoch": epoch, **results[0]}]
-    return [{"step": step, "epoch": epoch, "seed": s, **r} for s, r in zip(group, results)]
+    return [{"step": step, "epoch": epoch, **w, **r} for w, r in zip(who, results)]
 
 
 def over_seeds(rows: list[dict]) -> dict:
@@ -129,58 +149,87 @@ def over_seeds(rows: list[dict]) -> dict:
     return out
 
 
-def _seeds_text(group: list[int]) -> str:
-    return f"seed {group[0]}" if len(group) == 1 else f"{len(group)} seeds ({format_seeds(group)})"
+def per_setting(rows: list[dict], who: list[dict]) -> list[dict]:
+    """A grid's evaluation by setting: its seeds, and over them the mean, sample std and standard error
+    (std / sqrt(seeds)) of each seed's mean score and return."""
+    out = []
+    for setting, part in _by_setting(rows, who).items():
+        stats = over_seeds(part)
+        for key in ("score", "return"):
+            std = stats[f"{key}_std"]
+            stats[f"{key}_sem"] = None if std is None else std / len(part) ** 0.5
+        out.append({"setting": setting, "seeds": [r["seed"] for r in part], **stats})
+    return out
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({format_seeds(seeds)})"
 
 
 def _pm(mean: float, std: float | None, spec: str) -> str:
     return format(mean, spec) if std is None else f"{mean:{spec}} ± {std:{spec}}"
 
 
-def eval_message(rows: list[dict], group: list[int] | None) -> str:
+def _key(stats: dict) -> tuple[str, str, str]:
+    return ("score", ".1f", "normalised score") if stats["score_mean"] is not None else ("return", ".2f", "return")
+
+
+def eval_message(rows: list[dict], who: list[dict] | None) -> str:
     r, n = rows[0], len(rows)
     head = f"eval @ epoch {r['epoch']}: "
     tail = f" | {r['episodes']} episodes in {r['wall_s']:.1f}s"
-    if group is None:
+    if who is None:
         score = f" | normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
         return f"{head}return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}{tail}"
-    stats = over_seeds(rows)
-    key, spec, name = ("score", ".1f", "normalised score") if stats["score_mean"] is not None else ("return", ".2f", "return")
-    per = ", ".join(f"{row[f'{key}_mean']:{spec}}" for row in rows)
-    return (f"{head}{name} {_pm(stats[f'{key}_mean'], stats[f'{key}_std'], spec)} over {_seeds_text(group)} (per seed: {per})"
-            f" | {n} x {r['episodes']} episodes in {r['wall_s']:.1f}s")
+    parts = []
+    for setting, part in _by_setting(rows, who).items():
+        stats = over_seeds(part)
+        key, spec, name = _key(stats)
+        per = ", ".join(f"{row[f'{key}_mean']:{spec}}" for row in part)
+        at = f"{setting}: " if setting is not None else ""
+        parts.append(f"{at}{name} {_pm(stats[f'{key}_mean'], stats[f'{key}_std'], spec)} over "
+                     f"{_seeds_text([row['seed'] for row in part])} (per seed: {per})")
+    return f"{head}{' | '.join(parts)} | {n} x {r['episodes']} episodes in {r['wall_s']:.1f}s"
 
 
-def eval_summary(rows: list[dict], group: list[int] | None, episodes: int, behaviour_return: float | None) -> dict:
+def eval_summary(rows: list[dict], who: list[dict] | None, episodes: int, behaviour_return: float | None) -> dict:
     """summary.json's evaluation part. One agent: its return and score, mean and std over its episodes. A
-    group: the same for each seed (per_seed), and over_seeds: the mean and sample std over the seeds of
-    those per-seed means."""
+    group: the same for each agent (per_seed, each named by its `who` columns), and over_seeds: the mean and
+    sample std over the agents of those per-agent means; a grid also per_setting (over each setting's seeds,
+    with the standard error)."""
     keys = ("return_mean", "return_std", "score_mean", "score_std")
-    if group is None:
+    if who is None:
         return {**{k: rows[0][k] for k in keys}, "episodes": episodes, "behaviour_return": behaviour_return}
-    return {"episodes": episodes, "behaviour_return": behaviour_return,
-            "per_seed": [{"seed": s, **{k: r[k] for k in keys}} for s, r in zip(group, rows)],
-            "over_seeds": over_seeds(rows)}
+    out = {"episodes": episodes, "behaviour_return": behaviour_return,
+           "per_seed": [{**w, **{k: r[k] for k in keys}} for w, r in zip(who, rows)],
+           "over_seeds": over_seeds(rows)}
+    if any("setting" in w for w in who):
+        out["per_setting"] = per_setting(rows, who)
+    return out
 
 
-def final_message(task: str, summary: dict, group: list[int] | None) -> str:
+def final_message(task: str, summary: dict, who: list[dict] | None) -> str:
     beh = summary["behaviour_return"]
     beh = f" | behaviour data {beh:.2f}" if beh is not None else ""
-    if group is None:
+    if who is None:
         s = summary
         score = (f" | normalised score {s['score_mean']:.1f} ± {s['score_std']:.1f}" if s["score_mean"] is not None
                  else " | no normalised score (no reference scores)")
         return (f"final: {task} | return {s['return_mean']:.2f} ± {s['return_std']:.2f} over "
                 f"{s['episodes']} episodes{score}{beh}")
-    o = summary["over_seeds"]
-    score = (f" | normalised score {_pm(o['score_mean'], o['score_std'], '.1f')}" if o["score_mean"] is not None
-             else " | no normalised score (no reference scores)")
-    lines = [f"final: {task} | {_seeds_text(group)}, {summary['episodes']} episodes each{score} | return "
-             f"{_pm(o['return_mean'], o['return_std'], '.2f')}{beh}",
-             "  (mean ± std over the seeds of each seed's mean; below, per seed, ± is the std over its episodes)"]
+    lines = []
+    for cell in summary.get("per_setting") or [{"setting": None, "seeds": [w["seed"] for w in who],
+                                                 **summary["over_seeds"]}]:
+        o = cell
+        score = (f" | normalised score {_pm(o['score_mean'], o['score_std'], '.1f')}" if o["score_mean"] is not None
+                 else " | no normalised score (no reference scores)")
+        at = f" | {cell['setting']}" if cell["setting"] is not None else ""
+        lines.append(f"final: {task}{at} | {_seeds_text(cell['seeds'])}, {summary['episodes']} episodes each{score} | "
+                     f"return {_pm(o['return_mean'], o['return_std'], '.2f')}{beh}")
+    lines.append("  (mean ± std over the seeds of each seed's mean; below, per seed, ± is the std over its episodes)")
     for p in summary["per_seed"]:
         sc = f" | normalised score {p['score_mean']:.1f} ± {p['score_std']:.1f}" if p["score_mean"] is not None else ""
-        lines.append(f"  seed {p['seed']}: return {p['return_mean']:.2f} ± {p['return_std']:.2f}{sc}")
+        lines.append(f"  {agent_name(p)}: return {p['return_mean']:.2f} ± {p['return_std']:.2f}{sc}")
     return "\n".join(lines)
 
 
@@ -219,7 +268,8 @@ def run_time(clock: dict, step: int, pre_total: int, device: torch.device) -> di
 
 def plot_curves(out: Path):
     """learning_curves.png from metrics.jsonl: losses over steps, and evaluation scores. A group's rows
-    (one per seed and step) are drawn as their mean with a ± std band across the seeds."""
+    (one per seed and step) are drawn as their mean with a ± std band across the seeds; a grid's, one such
+    line per setting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -228,20 +278,28 @@ def plot_curves(out: Path):
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     n_seeds = len({r.get("seed") for r in train}) if train and "seed" in train[0] else 1
+    settings = list(dict.fromkeys(r.get("setting") for r in rows))  # [None] outside a grid
     keys = ["loss_q", "loss_v", "loss_bc", "loss_tr", "loss_pq"]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
     for ax, k in zip(axes, keys):
-        _plot_mean_band(ax, [(r["step"], r[k]) for r in train if k in r])
+        for setting in settings:
+            _plot_mean_band(ax, [(r["step"], r[k]) for r in train if k in r and r.get("setting") == setting],
+                            label=setting)
         ax.set_title(k)
         ax.set_xlabel("step")
     ax = axes[-1]
     if evals:
         ykey = "score_mean" if evals[-1].get("score_mean") is not None else "return_mean"
-        _plot_mean_band(ax, [(r["step"], r[ykey]) for r in evals], marker="o")
+        for setting in settings:
+            _plot_mean_band(ax, [(r["step"], r[ykey]) for r in evals if r.get("setting") == setting], marker="o",
+                            label=setting)
         ax.set_title("normalised score" if ykey == "score_mean" else "return")
+        if len(settings) > 1:
+            ax.legend(fontsize=7)
     ax.set_xlabel("step")
     if n_seeds > 1:
-        fig.suptitle(f"mean over {n_seeds} seeds, band: ± std across seeds", fontsize=9)
+        per = " per setting" if len(settings) > 1 else ""
+        fig.suptitle(f"mean over {n_seeds} seeds{per}, band: ± std across seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / runfolder.CURVES, dpi=80)
     plt.close(fig)

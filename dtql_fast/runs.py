@@ -121,7 +121,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], int, bool]:
 
 
 def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of metrics.jsonl, one per step (kind, seed), the last written winning.
+    """(train rows, eval rows) of metrics.jsonl, one per step (kind, setting, seed), the last written winning.
 
     A run resumed from a checkpoint logs again the steps its killed attempt had logged past that
     checkpoint; keeping the last row per step drops the dead attempt's copy.
@@ -132,7 +132,7 @@ def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def _by_step(written: list[dict]) -> tuple[list[dict], list[dict]]:
     rows: dict[tuple, dict] = {}
     for r in written:
-        rows[(r.get("kind"), r.get("seed"), r.get("step"))] = r
+        rows[(r.get("kind"), r.get("setting"), r.get("seed"), r.get("step"))] = r
     ordered = sorted(rows.values(), key=lambda r: (r.get("step") or 0))
     return [r for r in ordered if r.get("kind") == "train"], [r for r in ordered if r.get("kind") == "eval"]
 

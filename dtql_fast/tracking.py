@@ -15,8 +15,9 @@ LABELS = ("step", "epoch", "seed", "env_seed", "episodes")
 
 
 def scalars(kind: str, row: dict) -> dict[str, float]:
-    """A metric row's numbers under their tags (`train/loss_q`, `eval/score_mean/seed2`, ...)."""
-    seed = f"/seed{row['seed']}" if "seed" in row else ""
+    """A metric row's numbers under their tags (`train/loss_q`, `eval/score_mean/seed2`, in a grid
+    `eval/score_mean/alpha=5/seed2`, ...)."""
+    seed = (f"/{row['setting']}" if "setting" in row else "") + (f"/seed{row['seed']}" if "seed" in row else "")
     return {f"{kind}/{k}{seed}": v for k, v in row.items()
             if k not in LABELS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 

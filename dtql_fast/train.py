@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -49,14 +50,16 @@ FLAG_GROUPS = {
 
 
 def flag_meta(help: str | None = None, *, group: str | None = None, metavar: str | None = None,
-              choices: list[str] | None = None, resume: int | None = None, runtime: bool = False) -> dict:
+              choices: list[str] | None = None, resume: int | None = None, runtime: bool = False,
+              grid: bool = False) -> dict:
     """A TrainConfig field's command-line facts, kept in its dataclasses.field metadata; parse_args builds
     the parser from them. The flag's type and action come from the field's annotation and default (int,
     float, str; bool: a store_true switch, or --x/--no-x where the default None means "not given").
     resume: the field's place in the list of flags a resume may change (RESUME_MAY_CHANGE; None: fixed
-    by the run's checkpoint). runtime: where and how fast a run goes, not what it computes (RUNTIME_FIELDS)."""
+    by the run's checkpoint). runtime: where and how fast a run goes, not what it computes (RUNTIME_FIELDS).
+    grid: a comma list of values trains one agent per value, all in one step (GRID_FIELDS)."""
     return {"help": help, "group": group, "metavar": metavar, "choices": choices, "resume": resume,
-            "runtime": runtime}
+            "runtime": runtime, "grid": grid}
 
 
 def _option(default, help: str | None = None, **meta):
@@ -118,31 +121,52 @@ class TrainConfig:
     wandb_mode: str = _option("online", "offline: no network, the run is kept in <out>/wandb for `wandb sync`",
                               group="tracking", choices=["online", "offline"], resume=11, runtime=True)
     # algorithm overrides (None: the task's table value)
-    alpha: float | None = _option(None, "trust-region weight", group="algorithm")
-    gamma: float | None = _option(None, "entropy-term weight", group="algorithm")
-    lr: float | None = _option(None, "diffusion and policy learning rate (the critic always uses 3e-4)",
-                               group="algorithm")
+    # (grid=True: a comma list, e.g. --alpha 1,5,20, trains one agent per value and seed in one step)
+    alpha: float | list[float] | None = _option(None, "trust-region weight", group="algorithm", grid=True)
+    gamma: float | list[float] | None = _option(None, "entropy-term weight", group="algorithm", grid=True)
+    lr: float | list[float] | None = _option(None, "diffusion and policy learning rate (the critic always uses 3e-4)",
+                                             group="algorithm", grid=True)
     lr_decay: bool | None = _option(None, group="algorithm")
     batch_size: int | None = _option(None, group="algorithm")
-    expectile: float | None = _option(None, group="algorithm")
+    expectile: float | list[float] | None = _option(None, group="algorithm", grid=True)
     noise_levels: int | None = _option(None, "K noise levels per row in both EDM losses (1: the paper)",
                                        group="algorithm")
 
+    def settings(self) -> list[dict]:
+        """The grid's cells: one dict of the varied values per setting, the product of the GRID_FIELDS given
+        as lists, in their order; [{}] when none is."""
+        varied = {k: getattr(self, k) for k in GRID_FIELDS if isinstance(getattr(self, k), list)}
+        return [dict(zip(varied, values)) for values in itertools.product(*varied.values())]
+
+    @property
+    def cells(self) -> list[tuple[dict, int]]:
+        """(setting, seed) of each agent, one step for all: every setting with every seed (--seeds, or --seed's
+        one, 0 when neither is given), setting-major."""
+        seeds = list(self.seeds) if self.seeds is not None else [self.seed or 0]
+        return [(setting, s) for setting in self.settings() for s in seeds]
+
     @property
     def agents(self) -> list[int]:
-        """The seeds of the run's agents, one step for all: --seeds, or --seed's one (0 when neither is given)."""
-        return list(self.seeds) if self.seeds is not None else [self.seed or 0]
+        """The seed of each agent (in a grid a seed recurs, once per setting)."""
+        return [s for _, s in self.cells]
 
     @property
     def single_seed(self) -> bool:
         """A --seed run: one agent (a group of one inside) whose folder, rows, summary and checkpoint keep the
         single-seed format, with no seed lists. --seeds 3 is a group of one in the group's format."""
-        return self.seeds is None
+        return self.seeds is None and len(self.settings()) == 1
 
     def hyper(self, base: Hyper) -> Hyper:
+        """The task's table with the command's overrides: what every agent shares (a grid's lists left out)."""
         names = {f.name for f in dataclasses.fields(Hyper)}
-        over = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
+        over = {k: v for k, v in dataclasses.asdict(self).items()
+                if k in names and v is not None and not isinstance(v, list)}
         return base.replace(**over)
+
+    def agent_hypers(self, shared: Hyper) -> list[Hyper]:
+        """Each agent's settings: `shared` (hyper(...)) with its grid cell's values."""
+        return [shared.replace(**setting) for setting, _ in self.cells]
+
 
 
 # What a resume may change (each field's metadata "resume" gives its place in this list): the flags that
@@ -153,6 +177,23 @@ RESUME_MAY_CHANGE = tuple(f.name for f in sorted((f for f in dataclasses.fields(
                                                   if f.metadata["resume"] is not None),
                                                  key=lambda f: f.metadata["resume"]))
 RUNTIME_FIELDS = tuple(k for k in RESUME_MAY_CHANGE if TrainConfig.__dataclass_fields__[k].metadata["runtime"])
+# The flags a comma list makes a grid of (one agent per value and seed, one step for all).
+GRID_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["grid"])
+
+
+def setting_label(setting: dict) -> str:
+    """A grid cell's name in rows, messages and folder names: 'alpha=5', 'alpha=5,gamma=0'."""
+    return ",".join(f"{k}={v:g}" for k, v in setting.items())
+
+
+def agent_labels(cfg: TrainConfig) -> list[dict] | None:
+    """The columns naming each agent in its rows: {"seed": s}, and in a grid {"setting": ..., "seed": s};
+    None for a --seed run's single-seed format (no such columns)."""
+    if cfg.single_seed:
+        return None
+    if len(cfg.settings()) == 1:
+        return [{"seed": s} for s in cfg.agents]
+    return [{"setting": setting_label(st), "seed": s} for st, s in cfg.cells]
 
 
 def flag(field: str) -> str:
@@ -188,8 +229,9 @@ def check_config(cfg: TrainConfig):
     problems = []
     for name, (ok, need) in _RANGES.items():
         v = getattr(cfg, name)
-        if v is not None and not ok(v):
-            problems.append(f"{flag(name)} {v}: takes {need}")
+        for x in (v if isinstance(v, list) else [v]):
+            if x is not None and not ok(x):
+                problems.append(f"{flag(name)} {x}: takes {need}")
     try:
         parse_window(cfg.profile_steps)
     except ValueError as e:
@@ -215,12 +257,29 @@ def _add_flag(to, f: dataclasses.Field, kind: type):
     kw = {"default": f.default, "help": meta["help"]}
     if f.name == "resume":
         kw["help"] += ", ".join(map(flag, RESUME_MAY_CHANGE))
-    if kind is bool:  # a switch; None by default: --x / --no-x, "not given" left to the run
+    if meta["grid"]:
+        kw["type"], kw["metavar"] = _grid_values(f.name), "X[,X...]"
+        kw["help"] = (kw["help"] + "; " if kw["help"] else "") + "a comma list trains one agent per value (a grid)"
+    elif kind is bool:  # a switch; None by default: --x / --no-x, "not given" left to the run
         kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
     elif kind in (int, float):
         kw["type"] = kind
     kw.update({k: meta[k] for k in ("metavar", "choices") if meta[k] is not None})
     to.add_argument(flag(f.name), **kw)
+
+
+def _grid_values(name: str):
+    """A grid flag's argparse type: '5' -> 5.0, '1,5,20' -> [1.0, 5.0, 20.0] (a value listed twice refused)."""
+    def parse(text: str):
+        try:
+            values = [float(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number or a comma list of numbers (1,5,20)") from None
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"{text!r}: a value is listed twice")
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = name  # argparse names the flag's type in its message
+    return parse
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -311,7 +370,9 @@ def run_folder(cfg: TrainConfig) -> Path:
     if cfg.resume:
         return Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
     who = f"s{cfg.seed or 0}" if cfg.seeds is None else folder_label(cfg.seeds)
-    return Path(f"runs/{cfg.task.replace('/', '_')}-{who}")
+    grid = "".join(f"-{k}{'_'.join(f'{v:g}' for v in getattr(cfg, k))}" for k in GRID_FIELDS
+                   if isinstance(getattr(cfg, k), list))
+    return Path(f"runs/{cfg.task.replace('/', '_')}{grid}-{who}")
 
 
 def check_seed_flags(cfg: TrainConfig):
@@ -423,7 +484,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     run = Run(cfg, out, device, loaded, hyper, agent, latest, start)  # writes config.json, prints the first line
 
     # Resumed where a run ended: its final evaluation is already in the kept rows.
-    last_eval = list({r.get("seed"): r for r in kept_rows if r.get("kind") == "eval" and r["step"] == start}.values())
+    last_eval = list({(r.get("setting"), r.get("seed")): r for r in kept_rows
+                      if r.get("kind") == "eval" and r["step"] == start}.values())
     last_eval = last_eval or None
     step = start
     stop = StopAtStepEnd().install()  # uninstalled in the finally: below
@@ -524,14 +586,15 @@ def net_shapes(agent: FastDTQL) -> dict:
 
 
 def build_agent(cfg: TrainConfig, data, hyper: Hyper, device: torch.device) -> FastDTQL:
-    """The run's agents (one step for all), their initial weights drawn here; a group too large for the
-    device refused before it is built."""
+    """The run's agents (one step for all; `hyper` what they share, each with its grid cell's settings), their
+    initial weights drawn here; a group too large for the device refused before it is built."""
     if len(cfg.agents) > 1:  # one agent's weights tell what the group needs, before the group is built
         one = FastDTQL(data.state_dim, data.action_dim, hyper, "cpu")
         footprint.check_group_fits(len(cfg.agents), footprint.weight_bytes_of(one.params()), hyper.batch_size,
                                    hyper.hidden, device)
         del one
-    return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=cfg.agents)
+    return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=cfg.agents,
+                    hypers=cfg.agent_hypers(hyper))
 
 
 def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: TrainConfig, out: Path,
@@ -609,9 +672,9 @@ class Run:
                  latest: checkpoint.Latest | None, start: int):
         self.cfg, self.out, self.device, self.loaded, self.hyper, self.agent = cfg, out, device, loaded, hyper, agent
         self.data, self.start = loaded.transitions, start
-        # The seed list the run folder shows: None in a --seed run's single-seed format (reporting.py).
-        self.group = None if cfg.single_seed else cfg.agents
-        self.labels = [""] if cfg.single_seed else divergence.seed_labels(cfg.agents)  # who a message names
+        # The columns naming each agent in the run folder: None in a --seed run's single-seed format (reporting.py).
+        self.who = agent_labels(cfg)
+        self.labels = [""] if self.who is None else [f"{reporting.agent_name(w)}: " for w in self.who]  # in messages
         self.kernels = kernels_of(cfg, device)
         self.eval_episodes = cfg.eval_episodes or loaded.task.eval_episodes
         self.spe = hyper.steps_per_epoch
@@ -629,7 +692,7 @@ class Run:
         (out / runfolder.CONFIG).write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                         "hyper": dataclasses.asdict(hyper),
                                                         "task": cfg.task, "source": loaded.source}, indent=2))
-        print(start_message(cfg.task, cfg.seed, self.group, self.data, device,
+        print(start_message(cfg.task, cfg.seed, self.who, self.data, device,
                             self.mode() if self.choice.compile is not None else "auto", self.choice.why,
                             self.kernels, out))
         if loaded.note:
@@ -731,7 +794,7 @@ class Run:
         now = time.perf_counter()
         sps = self.steps_since / (now - self.t_log)
         self.t_log, self.steps_since = now, 0
-        for row in train_rows(step, pretrain, sps, m, self.agent.lrs(), self.group):
+        for row in train_rows(step, pretrain, sps, m, self.agent.lrs(), self.who):
             self.log.write("train", row)
         self.bar.set_postfix(progress_postfix(m, sps))
         divergence.check_log_row(step, m, weight_max, self.labels)
@@ -743,10 +806,10 @@ class Run:
             results = evaluate_agents(self.act_rule, self.loaded, self.hyper, self.device, self.cfg, step,
                                       self.eval_episodes, padded=bool(self.choice.compile))
         self.clock["eval_s"] += time.perf_counter() - t0
-        rows = eval_rows(results, step, (step - self.pre_total) // self.spe, self.group)
+        rows = eval_rows(results, step, (step - self.pre_total) // self.spe, self.who)
         for row in rows:
             self.log.write("eval", row)
-        tqdm.write(eval_message(rows, self.group))
+        tqdm.write(eval_message(rows, self.who))
         self.ckpts.offer_best(step, rows)
         return rows
 
@@ -762,9 +825,12 @@ class Run:
     def write_summary(self, step: int, last_eval: list[dict] | None) -> dict:
         """summary.json (returned): the run, its time, its step mode, the graphs compiled and the last
         evaluation; the final scores printed."""
-        cfg, group = self.cfg, self.group
-        summary = {"task": cfg.task, "steps": step, "out": str(self.out),
-                   **({} if group is None else {"seeds": list(group)})}
+        cfg, who = self.cfg, self.who
+        summary = {"task": cfg.task, "steps": step, "out": str(self.out)}
+        if who is not None:
+            summary["seeds"] = list(dict.fromkeys(cfg.agents))
+        if len(cfg.settings()) > 1:
+            summary["settings"] = [setting_label(st) for st in cfg.settings()]
         summary["time"] = run_time(self.clock, step, self.pre_total, self.device)
         summary["step_mode"] = self.mode()
         if self.choice.compile:
@@ -773,8 +839,8 @@ class Run:
             print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
                   "more would mean a recompile)")
         if last_eval is not None:
-            summary.update(eval_summary(last_eval, group, self.eval_episodes, self.loaded.behaviour_return))
-            print(final_message(cfg.task, summary, group))
+            summary.update(eval_summary(last_eval, who, self.eval_episodes, self.loaded.behaviour_return))
+            print(final_message(cfg.task, summary, who))
         (self.out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
 

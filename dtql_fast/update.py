@@ -143,10 +143,17 @@ class FastDTQL:
         h = self.hyper = hyper
         self.device = torch.device(device)
         self.state_dim, self.action_dim = state_dim, action_dim
-        self.seeds = list(check_seeds(seeds))
-        self.hypers = list(hypers) if hypers is not None else [hyper] * len(self.seeds)
-        if len(self.hypers) != len(self.seeds):
-            raise GroupMismatch(f"{len(self.hypers)} agents' settings for {len(self.seeds)} seeds")
+        self.hypers = list(hypers) if hypers is not None else [hyper] * len(seeds)
+        if len(self.hypers) != len(seeds):
+            raise GroupMismatch(f"{len(self.hypers)} agents' settings for {len(seeds)} seeds")
+        if len(set(self.hypers)) == 1:  # a seed group: each seed once
+            self.seeds = list(check_seeds(seeds))
+        else:  # a grid: a seed may recur, with other settings (the same start, another run)
+            self.seeds = [check_seeds([s])[0] for s in seeds]
+            twice = [i for i, a in enumerate(zip(seeds, self.hypers)) if a in list(zip(seeds, self.hypers))[:i]]
+            if twice:
+                raise GroupMismatch(f"agent {twice[0]} (seed {seeds[twice[0]]}) repeats an earlier agent's seed and "
+                                    "settings; each agent trains once")
         check_group([hyper, *self.hypers], ["the group", *(f"agent {i} (seed {s})" for i, s in enumerate(self.seeds))])
         N = len(self.seeds)
         per = lambda f: torch.tensor([float(getattr(x, f)) for x in self.hypers], device=device)  # noqa: E731

@@ -131,3 +131,72 @@ def test_a_group_refuses_settings_it_cannot_share():
         FastDTQL(5, 2, base, seeds=[0, 1], hypers=[base] * 3)
     with pytest.raises(DatasetError, match=r"share state and action widths; got \[\(5, 2\), \(6, 2\)\]"):
         AgentData([_data(5, 2, 10, 0), _data(6, 2, 10, 0)], [0, 1])
+
+
+# -- the grid from the train CLI: --alpha 1,5 --seeds 0-1 is four agents in one step ---------------------------
+
+import json  # noqa: E402
+
+from dtql_fast import checkpoint, train as train_mod  # noqa: E402
+from dtql_fast.train import parse_args, train  # noqa: E402
+from test_train import TINY, _stop_at  # noqa: E402
+from tree import tensors  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _minari_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.getbasetemp() / "minari"))
+
+
+def _rows(out, kind):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == kind]
+
+
+def test_grid_cli_trains_every_setting_and_seed_in_one_step(tmp_path, monkeypatch, capsys):
+    """--lr 1e-4,3e-4 --alpha 1,5 --seeds 0-1: eight agents, their rows named by setting and seed, each with its
+    own learning rate; summary.json per agent and per setting (mean, std, standard error over the seeds). A Ctrl-C
+    and --resume end on the straight run's state bit for bit; a resume with another grid is refused."""
+    args = [*TINY, "--eval-episodes", "1", "--no-compile", "--threads", "1", "--lr", "1e-4,3e-4", "--alpha", "1,5",
+            "--seeds", "0-1"]
+    summary = train(parse_args([*args, "--out", str(tmp_path / "straight")]))
+    out = capsys.readouterr().out
+    order = ["alpha=1,lr=0.0001", "alpha=1,lr=0.0003", "alpha=5,lr=0.0001", "alpha=5,lr=0.0003"]  # --help's order
+    assert f"seeds 0-1 x settings {'; '.join(order)} (8 agents, one step)" in out
+    rows = _rows(tmp_path / "straight", "train")
+    last = [r for r in rows if r["step"] == 36]
+    assert [(r["setting"], r["seed"]) for r in last] == [(s, k) for s in order for k in (0, 1)]
+    first_train = [r for r in rows if r["step"] == 16]  # the cosine decay is off: each agent's own lr
+    assert [r["lr_policy"] for r in first_train] == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4] * 2)
+    assert summary["settings"] == order
+    cells = summary["per_setting"]
+    assert [c["seeds"] for c in cells] == [[0, 1]] * 4 and len(summary["per_seed"]) == 8
+    for c, pair in zip(cells, [summary["per_seed"][i:i + 2] for i in range(0, 8, 2)]):
+        scores = [p["score_mean"] for p in pair]
+        assert c["score_mean"] == pytest.approx(sum(scores) / 2)
+        assert c["score_sem"] == pytest.approx(abs(scores[0] - scores[1]) / 2)  # std / sqrt(2) of two values
+    assert "final: dtql_fast/reacher/scripted-v0 | alpha=5,lr=0.0003 | 2 seeds (0-1)" in out
+    with monkeypatch.context() as m:
+        _stop_at(m, 17)
+        with pytest.raises(SystemExit):
+            train(parse_args([*args, "--out", str(tmp_path / "split")]))
+    train(parse_args(["--resume", str(tmp_path / "split")]))
+    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
+    ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert a["agent"]["seeds"] == [0, 1] * 4
+    with pytest.raises(SystemExit, match=r"cannot change --alpha \(the run has \[1.0, 5.0\], this command gives "
+                                         r"\[1.0, 5.0, 20.0\]\)"):
+        train_mod.main(["--resume", str(tmp_path / "split"), "--alpha", "1,5,20"])
+
+
+def test_grid_flags_refuse_bad_lists(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--alpha", "1,5,1"])
+    assert "argument --alpha: '1,5,1': a value is listed twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--gamma", "0,x"])
+    assert "'0,x': give a number or a comma list of numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--alpha -1.0: takes a finite number >= 0"):
+        train_mod.main([*TINY, "--alpha", "1,-1", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    assert parse_args(["--alpha", "5"]).alpha == 5.0 and parse_args(["--alpha", "1,5"]).alpha == [1.0, 5.0]

@@ -260,7 +260,7 @@ def test_group_divergence_names_the_seed(tmp_path):
 def test_group_divergence_checks_name_one_bad_seed():
     """One seed going bad is named alone, in the log-row check and in the state check."""
     agent = FastDTQL(3, 2, OFFLINE_DEMO_HYPER.replace(hidden=16), seeds=[4, 7, 9])
-    labels = divergence.seed_labels(agent.seeds)
+    labels = [f"seed {s}: " for s in agent.seeds]
     divergence.check_state(5, agent.state_dict(), labels)
     watch = divergence.WeightWatch(agent.params())
     assert watch.queue().shape == (3,) and torch.isfinite(watch.queue()).all()

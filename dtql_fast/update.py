@@ -146,7 +146,7 @@ class FastDTQL:
         self.hypers = list(hypers) if hypers is not None else [hyper] * len(seeds)
         if len(self.hypers) != len(seeds):
             raise GroupMismatch(f"{len(self.hypers)} agents' settings for {len(seeds)} seeds")
-        if len(set(self.hypers)) == 1:  # a seed group: each seed once
+        if len(set(self.hypers)) <= 1:  # a seed group: each seed once (and at least one)
             self.seeds = list(check_seeds(seeds))
         else:  # a grid: a seed may recur, with other settings (the same start, another run)
             self.seeds = [check_seeds([s])[0] for s in seeds]

@@ -36,5 +36,8 @@ setup(
         "hf": ["minari[hf]"],
         # profiling.learning runs the authors' release from a checkout you supply; einops is its dependency.
         "release": ["einops"],
+        # profiling.peer_flowrl imports FlowRL's JAX DTQL from a checkout you supply: the versions it pins.
+        "peer": ["jax[cpu]==0.5.3", "flax==0.10.5", "distrax", "optax", "orbax-checkpoint==0.11.23", "omegaconf",
+                 "hydra-core"],
     },
 )

@@ -1,7 +1,8 @@
 """Many seeds in one step against one step per seed, side by side in one run (bench --seeds).
 
-For each group size N: a FastDTQL of N seeds and N single-seed FastDTQLs starting from the same
-weights (seed i's) are fed the same per-seed draws. The steps run in alternating blocks
+For each group size N: a FastDTQL of N seeds and N single-agent FastDTQLs (groups of one) starting
+from the same weights (seed i's) are fed the same per-seed draws; with `mixed` the agents also differ
+in every per-agent setting and alternate between two datasets, each single run with its agent's. The steps run in alternating blocks
 (`block` consecutive group steps, then the same steps of each single-seed agent in turn), each
 step synced and timed, so both sides see the same machine and each agent's step runs as it does
 in training, after its own previous step. Reported: ms per

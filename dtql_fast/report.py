@@ -484,13 +484,9 @@ def settings_tables(seed_runs: list[SeedRun]) -> list[str]:
         lines += ["", f"### {', '.join(fields_)}", "", "| setting | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
         for setting in settings:
-            cells = []
-            for task in tasks:
-                last = [r.last for r in rs if r.setting == setting and r.task == task]
-                ms, se = mean_std(last), None
-                if ms is not None and ms[1] is not None:
-                    se = ms[1] / len(last) ** 0.5
-                cells.append("–" if ms is None else f"{_ms(ms)} (SE {_pm(se)}, {len(last)} seeds)")
+            by_task = {t.task: t for t in summarise([r for r in rs if r.setting == setting])}  # Table 1's numbers
+            cells = [f"{_ms(t.last)} (SE {_pm(t.last_se)}, {t.seeds} seeds)" if (t := by_task.get(task)) else "–"
+                     for task in tasks]
             lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return lines
 

@@ -218,13 +218,12 @@ def final_message(task: str, summary: dict, who: list[dict] | None) -> str:
         return (f"final: {task} | return {s['return_mean']:.2f} ± {s['return_std']:.2f} over "
                 f"{s['episodes']} episodes{score}{beh}")
     lines = []
-    for cell in summary.get("per_setting") or [{"setting": None, "seeds": [w["seed"] for w in who],
-                                                 **summary["over_seeds"]}]:
-        o = cell
+    for o in summary.get("per_setting") or [{"setting": None, "seeds": [w["seed"] for w in who],
+                                              **summary["over_seeds"]}]:
         score = (f" | normalised score {_pm(o['score_mean'], o['score_std'], '.1f')}" if o["score_mean"] is not None
                  else " | no normalised score (no reference scores)")
-        at = f" | {cell['setting']}" if cell["setting"] is not None else ""
-        lines.append(f"final: {task}{at} | {_seeds_text(cell['seeds'])}, {summary['episodes']} episodes each{score} | "
+        at = f" | {o['setting']}" if o["setting"] is not None else ""
+        lines.append(f"final: {task}{at} | {_seeds_text(o['seeds'])}, {summary['episodes']} episodes each{score} | "
                      f"return {_pm(o['return_mean'], o['return_std'], '.2f')}{beh}")
     lines.append("  (mean ± std over the seeds of each seed's mean; below, per seed, ± is the std over its episodes)")
     for p in summary["per_seed"]:

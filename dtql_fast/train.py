@@ -168,7 +168,6 @@ class TrainConfig:
         return [shared.replace(**setting) for setting, _ in self.cells]
 
 
-
 # What a resume may change (each field's metadata "resume" gives its place in this list): the flags that
 # say where and how fast a run goes, not what it computes (RUNTIME_FIELDS: sweep.py compares the rest
 # between invocations of a sweep), then how long it runs and how it is evaluated. Everything else is the

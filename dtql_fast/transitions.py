@@ -5,7 +5,7 @@ in one place and runs before training starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -96,18 +96,15 @@ class AgentData:
         if len(shapes) != 1:
             raise DatasetError(f"the datasets of one group must share state and action widths; got "
                                f"{sorted(shapes)} (state, action)")
-        first = datasets[0]
-        self.rows = Transitions(*(torch.cat([getattr(d, f) for d in datasets]) for f in
-                                  ("obs", "actions", "rewards", "next_obs", "not_done")))
+        device = datasets[0].obs.device
+        self.rows = Transitions(*(torch.cat([getattr(d, f.name) for d in datasets]) for f in fields(Transitions)))
         begins = np.cumsum([0] + [d.n for d in datasets[:-1]])
-        self.starts = torch.tensor([[int(begins[i])] for i in of_agent], device=first.obs.device)
-        self.sizes = torch.tensor([[datasets[i].n] for i in of_agent], device=first.obs.device)
-        self._sizes = [datasets[i].n for i in of_agent]
-
-    @property
-    def n(self) -> int | torch.Tensor:
-        """Rows to draw from: one count where every agent's dataset has as many, else (agents, 1) sizes."""
-        return self._sizes[0] if len(set(self._sizes)) == 1 else self.sizes
+        self.starts = torch.tensor([[int(begins[i])] for i in of_agent], device=device)
+        sizes = [datasets[i].n for i in of_agent]
+        # Rows to draw from (draws.sample_draws): one count where every agent's dataset has as many, else
+        # the (agents, 1) sizes.
+        self.n: int | torch.Tensor = (sizes[0] if len(set(sizes)) == 1 else
+                                      torch.tensor([[k] for k in sizes], device=device))
 
     @property
     def state_dim(self) -> int:

@@ -150,10 +150,12 @@ class FastDTQL:
             self.seeds = list(check_seeds(seeds))
         else:  # a grid: a seed may recur, with other settings (the same start, another run)
             self.seeds = [check_seeds([s])[0] for s in seeds]
-            twice = [i for i, a in enumerate(zip(seeds, self.hypers)) if a in list(zip(seeds, self.hypers))[:i]]
-            if twice:
-                raise GroupMismatch(f"agent {twice[0]} (seed {seeds[twice[0]]}) repeats an earlier agent's seed and "
-                                    "settings; each agent trains once")
+            seen = set()
+            for i, agent in enumerate(zip(self.seeds, self.hypers)):
+                if agent in seen:
+                    raise GroupMismatch(f"agent {i} (seed {agent[0]}) repeats an earlier agent's seed and settings; "
+                                        "each agent trains once")
+                seen.add(agent)
         check_group([hyper, *self.hypers], ["the group", *(f"agent {i} (seed {s})" for i, s in enumerate(self.seeds))])
         N = len(self.seeds)
         per = lambda f: torch.tensor([float(getattr(x, f)) for x in self.hypers], device=device)  # noqa: E731
@@ -185,7 +187,7 @@ class FastDTQL:
         # What one training / pretraining step adds to the counters (one kernel for all of them).
         ones = torch.ones(N, device=device)
         self._advance = {False: torch.stack([ones, ones, ones, per("lr_decay"), ones]),
-                         True: torch.stack([ones, ones, 0 * ones, 0 * ones, ones])}
+                         True: torch.stack([ones, ones, torch.zeros_like(ones), torch.zeros_like(ones), ones])}
         self.metric_sum = torch.zeros(*lead, len(METRICS), device=device)
         self._ones = torch.ones(1, h.batch_size, device=device)  # batch-row sums as a matmul (fastnets)
         # V(s) and V(s') in one pass where the step is launch-bound (a GPU); on a CPU, FLOP-bound,
@@ -396,10 +398,9 @@ class FastDTQL:
     def modules(self, agent: int = 0) -> dict[str, torch.nn.Module]:
         """The four networks of agent number `agent` as the reference's nn.Modules (copies of the
         current weights)."""
-        i = agent
         mods = self._reference_modules()
         for k, m in mods.items():
-            m.to(self.device).load_state_dict(self._unpack(k, self._members(self.params()[k])[i]))
+            m.to(self.device).load_state_dict(self._unpack(k, self._members(self.params()[k])[agent]))
         return mods
 
     def load_modules(self, modules: list[dict[str, torch.nn.Module]] | dict[str, torch.nn.Module]):

@@ -38,6 +38,16 @@ def mixed_group(hyper, n: int) -> list:
     return [hyper.replace(**cycle[i % len(cycle)]) for i in range(n)]
 
 
+def mixed_datasets(data, n: int) -> tuple[list, list[int]]:
+    """The --mixed group's two datasets of different sizes, `data` and its first half, and which of them each
+    of n agents samples (alternating): transitions.AgentData's arguments."""
+    from dataclasses import fields
+
+    from dtql_fast.transitions import Transitions
+    half = Transitions(*(getattr(data, f.name)[: data.n // 2] for f in fields(Transitions)))
+    return [data, half], [i % 2 for i in range(n)]
+
+
 def _capture(task: str, kernels: str, seeds: int | None, mixed: bool = False):
     """Dynamo's one graph of StepRunner('compile') for `task`'s shapes, captured on the CPU."""
     import torch
@@ -57,11 +67,9 @@ def _capture(task: str, kernels: str, seeds: int | None, mixed: bool = False):
     torch.manual_seed(0)
     n = seeds or 1
     hypers = mixed_group(hyper, n) if mixed else None
-    if mixed:  # two datasets of different sizes, agents alternating between them
+    if mixed:
         from dtql_fast.transitions import AgentData
-        other = Transitions(*(t[: N // 2].clone() for t in (data.obs, data.actions, data.rewards, data.next_obs,
-                                                             data.not_done)))
-        data = AgentData([data, other], [i % 2 for i in range(n)])
+        data = AgentData(*mixed_datasets(data, n))
     agent = update.FastDTQL(S, A, hyper, device="cpu", kernels=kernels, seeds=list(range(n)), hypers=hypers)
     agent.joint_value = True  # built on the CPU, but the graph counted is the one a GPU runs
     captured = []

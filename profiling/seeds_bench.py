@@ -19,8 +19,8 @@ import time
 import torch
 
 from dtql_fast.draws import Draws
-from dtql_fast.profiling.launches import mixed_group
-from dtql_fast.transitions import AgentData, Transitions
+from dtql_fast.profiling.launches import mixed_datasets, mixed_group
+from dtql_fast.transitions import AgentData
 from dtql_fast.profiling.equivalence import compare
 from dtql_fast.profiling.variants import _sync, make_draws, metric_keys
 from dtql_fast.update import METRICS, FastDTQL
@@ -37,11 +37,7 @@ def run_group(n: int, S: int, A: int, hyper, data, device, steps: int, warmup: i
     between `data` and its first half (transitions.AgentData); each single runs its own settings and data."""
     seeds = list(range(seed, seed + n))
     hypers = mixed_group(hyper, n) if mixed else [hyper] * n
-    datasets, of_agent = [data], [0] * n
-    if mixed:
-        half = Transitions(*(t[: data.n // 2] for t in (data.obs, data.actions, data.rewards, data.next_obs,
-                                                          data.not_done)))
-        datasets, of_agent = [data, half], [i % 2 for i in range(n)]
+    datasets, of_agent = mixed_datasets(data, n) if mixed else ([data], [0] * n)
     group_data = AgentData(datasets, of_agent)
     group = FastDTQL(S, A, hyper, device, seeds=seeds, hypers=hypers)
     singles = [FastDTQL(S, A, h, device, seeds=[s]) for h, s in zip(hypers, seeds)]  # each agent's own run

@@ -7,14 +7,20 @@ Tolerances, those of tests/test_seeds.py: a few steps at walker shapes, every lo
 float64 reference than max(5% of one Adam step, 3x the round-off floor measured in the same run);
 200 steps, losses within 1e-3 relative and weights within 1e-3 of their scale.
 """
+import json
+
 import pytest
 import torch
 
+from dtql_fast import checkpoint, train as train_mod
 from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import AgentData, DatasetError, Transitions
+from dtql_fast.train import parse_args, train
 from dtql_fast.update import METRICS, FastDTQL, GroupMismatch, StepRunner
 from exact_reference import RoundOff
+from test_train import TINY, _stop_at
+from tree import tensors
 
 LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "loss_policy")
 
@@ -129,18 +135,13 @@ def test_a_group_refuses_settings_it_cannot_share():
         FastDTQL(5, 2, base, seeds=[0, 1], hypers=[base.replace(hidden=32), base.replace(hidden=32)])
     with pytest.raises(GroupMismatch, match="3 agents' settings for 2 seeds"):
         FastDTQL(5, 2, base, seeds=[0, 1], hypers=[base] * 3)
+    with pytest.raises(GroupMismatch, match=r"agent 2 \(seed 0\) repeats an earlier agent's seed and settings"):
+        FastDTQL(5, 2, base, seeds=[0, 0, 0], hypers=[base, base.replace(alpha=5), base])
     with pytest.raises(DatasetError, match=r"share state and action widths; got \[\(5, 2\), \(6, 2\)\]"):
         AgentData([_data(5, 2, 10, 0), _data(6, 2, 10, 0)], [0, 1])
 
 
 # -- the grid from the train CLI: --alpha 1,5 --seeds 0-1 is four agents in one step ---------------------------
-
-import json  # noqa: E402
-
-from dtql_fast import checkpoint, train as train_mod  # noqa: E402
-from dtql_fast.train import parse_args, train  # noqa: E402
-from test_train import TINY, _stop_at  # noqa: E402
-from tree import tensors  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -192,8 +192,10 @@ class Best:
 def check_compatible(ckpt: dict, task: str, shapes: dict, where: str = "checkpoint"):
     """Refuse a checkpoint from another task or of other network shapes, naming the difference."""
     if ckpt.get("task") != task:
-        raise CheckpointError(f"{where} was trained on task {ckpt.get('task')!r}, not {task!r}; "
-                              f"resume with --task {ckpt.get('task')} or start a new run with another --out")
+        theirs = ckpt.get("task")
+        text = lambda t: ",".join(t) if isinstance(t, list) else t  # noqa: E731 - a --task list as its flag
+        raise CheckpointError(f"{where} was trained on task {text(theirs)!r}, not {text(task)!r}; "
+                              f"resume with --task {text(theirs)} or start a new run with another --out")
     theirs = ckpt.get("shapes", {})
     diff = {k: (theirs.get(k), v) for k, v in shapes.items() if theirs.get(k) != v}
     if diff:

@@ -46,7 +46,9 @@ def sample_draws(n: int | torch.Tensor, batch: int, action_dim: int, noise_level
     then a 62-bit draw modulo each count (bias below 1e-12 for any dataset)."""
     B, K, A = batch, noise_levels, action_dim
     lead = () if groups is None else (groups,)
-    g = dict(generator=generator, device=device)
+    # No generator=None: given, inductor keeps randint as an ATen fallback call (a launch of its own on a
+    # GPU, and one its C++ wrapper cannot make); left out, randint is generated like rand and randn.
+    g = dict(device=device) if generator is None else dict(generator=generator, device=device)
     if isinstance(n, torch.Tensor):
         idx = torch.randint(0, 2 ** 62, (*lead, B), **g) % n
     else:

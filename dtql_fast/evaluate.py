@@ -112,9 +112,12 @@ def evaluate(act_fn: Callable[[torch.Tensor], torch.Tensor], make_env: Callable[
 
 
 def evaluate_group(group_act_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   make_env: Callable[[], gym.Env], episodes: int, env_seeds: Sequence[int], task=None) -> list[dict]:
-    """N seeds x `episodes` episodes in ONE SyncVectorEnv: sub-env i * episodes + j is seed i's
-    episode j, seeded env_seeds[i] + j (the envs a single-seed evaluate(..., seed=env_seeds[i]) runs).
+                   make_env: Callable[[], gym.Env] | Sequence[Callable[[], gym.Env]], episodes: int,
+                   env_seeds: Sequence[int], task=None) -> list[dict]:
+    """N seeds x `episodes` episodes at once: sub-env i * episodes + j is seed i's episode j, seeded
+    env_seeds[i] + j (the envs a single-seed evaluate(..., seed=env_seeds[i]) runs). `make_env` and `task`:
+    one for every agent, or one per agent (a run over several tasks); agents sharing a make_env share one
+    SyncVectorEnv, and the vector envs step in lockstep.
 
     One call of group_act_fn (make_group_act_fn) per env step acts for every seed's live envs, given
     their states as (N, E, S) and which are live as (N, E). Returns one result per seed, each as
@@ -123,6 +126,8 @@ def evaluate_group(group_act_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     N, E = len(env_seeds), episodes
+    makers = list(make_env) if isinstance(make_env, Sequence) else [make_env] * N
+    tasks = list(task) if isinstance(task, Sequence) else [task] * N
     t0 = time.perf_counter()
 
     def act_live(obs: np.ndarray, live: np.ndarray) -> torch.Tensor:
@@ -131,21 +136,32 @@ def evaluate_group(group_act_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
         actions = group_act_fn(states, mask)
         return actions[mask.to(actions.device)]
 
-    returns, lengths = _run_episodes(act_live, make_env, [s + j for s in env_seeds for j in range(E)])
+    returns, lengths = _run_episodes(act_live, [m for m in makers for _ in range(E)],
+                                     [s + j for s in env_seeds for j in range(E)])
     wall = time.perf_counter() - t0
-    return [{"episodes": E, "env_seed": s, **_scores(returns[i * E:(i + 1) * E], lengths[i * E:(i + 1) * E], task),
+    return [{"episodes": E, "env_seed": s, **_scores(returns[i * E:(i + 1) * E], lengths[i * E:(i + 1) * E], tasks[i]),
              "wall_s": wall} for i, s in enumerate(env_seeds)]
 
 
-def _run_episodes(act_live: Callable[[np.ndarray, np.ndarray], torch.Tensor], make_env: Callable[[], gym.Env],
+def _run_episodes(act_live: Callable[[np.ndarray, np.ndarray], torch.Tensor], make_envs: list[Callable[[], gym.Env]],
                   env_seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One episode per sub-env, sub-env k seeded env_seeds[k]; act_live(obs of all sub-envs, live mask)
-    returns the live ones' actions, in order. (returns, lengths) per sub-env."""
+    """One episode per sub-env, sub-env k built by make_envs[k] and seeded env_seeds[k] (a SyncVectorEnv per
+    run of equal makers, stepped together); act_live(obs of all sub-envs, live mask) returns the live ones'
+    actions, in order. (returns, lengths) per sub-env."""
     M = len(env_seeds)
-    envs = gym.vector.SyncVectorEnv([make_env for _ in range(M)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    spans = []  # [first, end, maker] of each vector env
+    for k, maker in enumerate(make_envs):
+        if spans and spans[-1][2] is maker:
+            spans[-1][1] = k + 1
+        else:
+            spans.append([k, k + 1, maker])
+    vecs = []
     try:
-        space = envs.single_action_space
-        obs, _ = envs.reset(seed=list(env_seeds))
+        for first, end, maker in spans:
+            vecs.append(gym.vector.SyncVectorEnv([maker] * (end - first),
+                                                 autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP))
+        space = vecs[0].single_action_space
+        obs = np.concatenate([v.reset(seed=list(env_seeds[a:b]))[0] for v, (a, b, _) in zip(vecs, spans)])
         returns = np.zeros(M, dtype=np.float64)
         lengths = np.zeros(M, dtype=np.int64)
         live = np.ones(M, dtype=bool)
@@ -159,12 +175,18 @@ def _run_episodes(act_live: Callable[[np.ndarray, np.ndarray], torch.Tensor], ma
                                  f"{(idx.size, *space.shape)}")
             actions[:] = 0
             actions[idx] = a
-            obs, rew, term, trunc, _ = envs.step(actions)
-            returns[idx] += rew[idx]
-            lengths[idx] += 1
-            live[idx[(term | trunc)[idx]]] = False
+            for v, (first, end, _) in zip(vecs, spans):
+                if not live[first:end].any():
+                    continue  # every episode of this vector env has ended
+                o, rew, term, trunc, _ = v.step(actions[first:end])
+                obs[first:end] = o
+                mine = idx[(idx >= first) & (idx < end)]
+                returns[mine] += rew[mine - first]
+                lengths[mine] += 1
+                live[mine[(term | trunc)[mine - first]]] = False
     finally:
-        envs.close()
+        for v in vecs:
+            v.close()
     return returns, lengths
 
 
@@ -236,7 +258,8 @@ def main(argv=None) -> list[dict]:
     from . import checkpoint
     from .seeds import SeedListError, parse_seeds
     from .tasks import Hyper
-    from .train import TrainConfig, _device, agent_labels, eval_rows, evaluate_agents, load_run_data, net_shapes
+    from .train import (ConfigError, TrainConfig, _device, agent_labels, eval_rows, evaluate_agents, load_run_data,
+                        net_shapes)
     from .transitions import DatasetError
     from .update import FastDTQL
 
@@ -280,15 +303,17 @@ def main(argv=None) -> list[dict]:
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
         loaded = load_run_data(cfg, device)
         agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents,
-                         hypers=cfg.agent_hypers(hyper))
+                         hypers=cfg.agent_hypers([cfg.hyper(one.task.hyper) for one in loaded.per_task]),
+                         datasets=cfg.task_of_agent)
         checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
-        if loaded.env_problem:
-            raise DatasetError(f"evaluation for {cfg.task} cannot run: {loaded.env_problem}")
-    except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError) as e:
+        for name, one in zip(cfg.tasks, loaded.per_task):
+            if one.env_problem:
+                raise DatasetError(f"evaluation for {name} cannot run: {one.env_problem}")
+        episodes = a.episodes or cfg.eval_episodes or loaded.eval_episodes()
+    except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
     agent.load_state_dict(checkpoint.agent_state(ckpt))
     step = ckpt["step"]
-    episodes = a.episodes or cfg.eval_episodes or loaded.task.eval_episodes
     results = evaluate_agents(agent.act, loaded, hyper, device, cfg, step, episodes, first_env_seed=a.env_seed)
     who = agent_labels(cfg) or [{"seed": s} for s in agents]  # each row names its agent
     picked = [(i, r) for i, r in enumerate(eval_rows(results, step, 0, who)) if r["seed"] in keep]
@@ -296,7 +321,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         r.pop("epoch")
         score = f", normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
-        print(f"{cfg.task} | {agent_name(r)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
+        print(f"{','.join(cfg.tasks)} | {agent_name(r)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
               f"episodes from env seed {r['env_seed']}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}")
     out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
@@ -331,11 +356,11 @@ def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[tuple
             states[i, 0] = torch.as_tensor(o, dtype=torch.float32)
             return act_g(states, live)[i, 0].cpu().numpy()
         try:
-            frames, ret = record_episode(act_one, loaded.make_env, row["env_seed"])
+            frames, ret = record_episode(act_one, loaded.agent(i).make_env, row["env_seed"])
         except Exception as e:  # noqa: BLE001 - a missing GL backend shows up as many exception types
             raise SystemExit(f"error: --video: rendering failed ({type(e).__name__}: {e}); {RENDER_HELP}. "
                              "Evaluation itself works without --video") from None
-        cell = f"-{row['setting'].replace(',', '_')}" if "setting" in row else ""
+        cell = f"-{row['setting'].replace(',', '_').replace('/', '_')}" if "setting" in row else ""  # a task id's / too
         path = video if cfg.single_seed else video.with_name(f"{video.stem}{cell}-seed{seed}{video.suffix}")
         try:
             write_video(frames, path)

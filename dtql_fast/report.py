@@ -101,11 +101,16 @@ def data_note(task: str, cfg: dict) -> str | None:
                 "comparison")
     if paper.row(task) is None:
         return "not in the paper's tables"
-    dataset = cfg.get("config", {}).get("dataset")
+    dataset, source = cfg.get("config", {}).get("dataset"), cfg.get("source")
+    tasks = cfg.get("config", {}).get("task")
+    if isinstance(tasks, list) and task in tasks:  # a run over a --task list: this task's own file
+        at = tasks.index(task)
+        dataset = dataset.split(",")[at] if dataset and "," in dataset else dataset
+        source = source.split(",")[at] if source else source
     # Without --dataset train.py reads D4RL's file from its cache. With it, the file read (config.json's
     # "source") is D4RL's when it bears D4RL's file name (a folder holding the D4RL files, or the file
     # itself kept elsewhere); any other file is some other data under the task's name.
-    source = Path(cfg.get("source") or dataset or "")
+    source = Path(source or dataset or "")
     d4rl_name = Path(TASKS[task].d4rl_url).name
     if dataset is not None and source.name != d4rl_name:
         return f"not the paper's data: trained on {source} (--dataset), not D4RL's {d4rl_name}"
@@ -270,15 +275,26 @@ def _read_run(d: Path) -> list[SeedRun]:
                     for c in cells for s in seeds]
     else:
         per_seed = [((None, cfg.get("config", {}).get("seed", status.get("seed"))), eval_rows)]
-    note = data_note(task, cfg)
-    timed = run_time(task, cfg, runs.read_json(d / runfolder.SUMMARY), eval_rows, len(per_seed))
     problems = runs.problems(d)
     out = []
     for (setting, s), rows in per_seed:
+        agent_task, setting = _task_of(task, setting)
+        note = data_note(agent_task, cfg)
+        timed = run_time(agent_task, cfg, runs.read_json(d / runfolder.SUMMARY), eval_rows, len(per_seed))
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
-        out.append(SeedRun(task, s, d, state, evals, kind, step, total, error, note, timed, problems, setting))
+        out.append(SeedRun(agent_task, s, d, state, evals, kind, step, total, error, note, timed, problems, setting))
     return out
+
+
+def _task_of(task, setting: str | None) -> tuple[str, str | None]:
+    """An agent's task and the rest of its grid cell: a run over a --task list names each agent's task first
+    in its setting ("task=hopper-medium-v2,alpha=5"); its agents at their task's own settings have no rest
+    (None), as in a run of one task."""
+    if not isinstance(task, list):
+        return task, setting
+    head, _, rest = setting.partition(",")
+    return head.removeprefix("task="), rest or None
 
 
 def _task_time(task: str, counted: list[SeedRun]) -> TaskTime:

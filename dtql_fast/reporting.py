@@ -102,7 +102,8 @@ def start_message(task: str, seed: int | None, who: list[dict] | None, data, dev
         settings = [k for k in _by_setting(who, who) if k is not None]
         grid = f" x settings {'; '.join(settings)}" if settings else ""
         agents = f"seeds {format_seeds(seeds)}{grid} ({len(who)} agents, one step)"
-    return (f"dtql_fast | task {task} | {agents} | {data.n} transitions, state {data.state_dim}, action "
+    rows = getattr(data, "rows", data)  # a --task list's AgentData: every task's rows
+    return (f"dtql_fast | task {task} | {agents} | {rows.n} transitions, state {data.state_dim}, action "
             f"{data.action_dim} | device {device} | step: {mode} ({why}), kernels {kernels_text} | out {out}")
 
 

@@ -1,9 +1,11 @@
 """python -m dtql_fast.sweep: a grid of tasks x seeds on Ray (a local Ray by default, an existing cluster
 with --address). Each task's seeds are one run: one Ray task running one `python -m dtql_fast.train
---seeds ...` process, which trains the whole seed group in one step.
+--seeds ...` process, which trains the whole seed group in one step. With --pack, the tasks that can share
+one step (pack_tasks) are one run too: `python -m dtql_fast.train --task a,b,c --seeds ...`.
 
 Layout: OUT/sweep.json (what the sweep runs, and how each run ended), OUT/<task>/ (the task's train run
-folder, seed group and all, plus status.json, attempts.jsonl and train.log written here).
+folder, seed group and all, plus status.json, attempts.jsonl and train.log written here); a packed run's
+folder is OUT/<task>+<task>+.../.
 
 Nothing lost, nothing done twice:
 - a finished run (summary.json with the planned number of steps) is skipped;
@@ -46,6 +48,8 @@ STOP_FILE = "STOP"
 # sweep.json's "layout": one run folder per task, its seeds trained as one group. (Sweeps made before seed
 # groups kept one folder per seed and no layout; a re-run into one is refused rather than mixed.)
 LAYOUT = "seed-groups"
+# --pack's default cap on a run's agents: Table 1's locomotion tasks of 17 / 6 widths x 5 seeds.
+DEFAULT_MAX_GROUP = 30
 
 
 class SweepError(ValueError):
@@ -68,11 +72,14 @@ class SweepConfig:
     gpus_per_run: float = 0.0
     max_retries: int = 3
     refresh: float = 2.0                 # seconds between live-view refreshes
+    max_group: int | None = None         # --pack: at most this many agents (tasks x seeds) a run; None: no packing
+    dry_run: bool = False                # print the runs and exit
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: one task's seed group, one process, one run folder, one Ray task."""
+    """One training run: one task's seed group (or a packed run's tasks, comma-separated as train's --task
+    takes them), one process, one run folder, one Ray task."""
     task: str
     seeds: tuple[int, ...]
     run_dir: str
@@ -100,8 +107,11 @@ class RunResult:
 # -- input ------------------------------------------------------------------------------------------
 
 def parse_tasks(text: str) -> tuple[str, ...]:
+    from .paper import ROWS
     from .tasks import UnknownTaskError
 
+    if text.strip() == "all":
+        return tuple(ROWS)  # the paper's Table 1, in its order
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
     if not tasks:
         raise SweepError("--tasks is empty; give comma-separated task names, e.g. walker2d-medium-v2,hopper-medium-v2")
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                "then: python -m dtql_fast.report sweeps/gym")
     a = p.add_argument
     a("--tasks", required=True, metavar="A,B,...",
-      help="comma-separated task names (D4RL names of the paper's table, or Minari ids)")
+      help="comma-separated task names (D4RL names of the paper's table, or Minari ids); all: Table 1's 26 tasks")
     a("--seeds", required=True, metavar="LIST",
       help="seeds: a range 0-4, a list 0,2,5, or both 0-2,7; each task trains them as one group, in one process")
     a("--out", required=True, metavar="DIR", help="the sweep's folder (on a cluster: a path every node sees)")
@@ -191,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="times Ray retries a run whose process was killed (a signal, a dead worker or node); a run that "
            "exits with an error is not retried")
     a("--refresh", type=float, default=2.0, metavar="S", help="seconds between refreshes of the live view")
+    a("--pack", action="store_true",
+      help="train the tasks that can share one step (equal state and action widths, the settings a group shares:\n"
+           "batch size, noise levels, hidden width, schedule, acting; equal evaluation episodes) in one run each:\n"
+           "one process for several tasks' seed groups")
+    a("--max-group", type=int, default=DEFAULT_MAX_GROUP, metavar="N",
+      help=f"with --pack: at most N agents (tasks x seeds) in one run (default {DEFAULT_MAX_GROUP})")
+    a("--dry-run", action="store_true", help="print the runs the sweep would start (with --pack, the packing) and exit")
     return p
 
 
@@ -209,12 +226,17 @@ def parse_args(argv=None) -> SweepConfig:
             raise SweepError(f"--refresh {ns.refresh}: must be positive (seconds)")
         if ns.num_cpus is not None and (ns.address or ns.num_cpus < 1):
             raise SweepError("--num-cpus sizes the local Ray: give a positive number, and no --address")
+        if ns.pack and ns.max_group < len(seeds):
+            raise SweepError(f"--max-group {ns.max_group}: a run holds at least one task's {len(seeds)} seeds; give "
+                             f"--max-group {len(seeds)} or more")
         check_train_args(tuple(extra), tasks)
     except SweepError as e:
         p.error(str(e))
-    return SweepConfig(tasks=tasks, seeds=seeds, out=ns.out, train_args=_absolute_dataset(tuple(extra)),
-                       address=ns.address, num_cpus=ns.num_cpus, cpus_per_run=ns.cpus_per_run,
-                       gpus_per_run=ns.gpus_per_run, max_retries=ns.max_retries, refresh=ns.refresh)
+    cfg = SweepConfig(tasks=tasks, seeds=seeds, out=ns.out, train_args=_absolute_dataset(tuple(extra)),
+                      address=ns.address, num_cpus=ns.num_cpus, cpus_per_run=ns.cpus_per_run,
+                      gpus_per_run=ns.gpus_per_run, max_retries=ns.max_retries, refresh=ns.refresh,
+                      max_group=ns.max_group if ns.pack else None)
+    return dataclasses.replace(cfg, dry_run=True) if ns.dry_run else cfg
 
 
 def _sweep_seeds(text: str) -> tuple[int, ...]:
@@ -227,8 +249,34 @@ def _sweep_seeds(text: str) -> tuple[int, ...]:
 # -- planning ---------------------------------------------------------------------------------------
 
 def run_dir_for(out: Path, task: str) -> Path:
-    """A task's run folder: its whole seed group."""
-    return out / task.replace("/", "_")
+    """A task's run folder: its whole seed group (a packed run's: its tasks joined by +)."""
+    return out / "+".join(t.replace("/", "_") for t in task.split(","))
+
+
+def pack_key(task: str, train_args: tuple[str, ...]) -> tuple:
+    """What tasks must agree in to share one step: their (state, action) widths, the settings a group shares
+    (update.SHARED, after the command's overrides) and their evaluation episodes. A task whose widths are not
+    known before loading (a Minari id) packs with no other."""
+    from .tasks import TASKS
+    from .update import SHARED
+
+    tcfg = _train_config(train_args, task)
+    hyper = tcfg.hyper(runs.base_hyper(task, tcfg.dataset))
+    widths = TASKS[task].widths if task in TASKS else None
+    if widths is None:
+        return ("alone", task)
+    episodes = tcfg.eval_episodes or TASKS[task].eval_episodes
+    return (widths, tuple(getattr(hyper, f) for f in SHARED), episodes)
+
+
+def pack_tasks(tasks: tuple[str, ...], seeds: int, max_group: int, train_args: tuple[str, ...]) -> list[list[str]]:
+    """The tasks in runs: those with one pack_key together, in the order of --tasks, split so that no run holds
+    more than max_group agents (each task brings its `seeds`)."""
+    by_key: dict[tuple, list[str]] = {}
+    for t in tasks:
+        by_key.setdefault(pack_key(t, train_args), []).append(t)
+    per_run = max(1, max_group // seeds)
+    return [group[i:i + per_run] for group in by_key.values() for i in range(0, len(group), per_run)]
 
 
 def stop_file_for(out: Path) -> Path:
@@ -240,12 +288,27 @@ def plan_runs(cfg: SweepConfig) -> list[RunSpec]:
     threads = max(1, int(cfg.cpus_per_run))
     stop = str(stop_file_for(out))
     specs = []
-    for task in cfg.tasks:
-        tcfg = _train_config(cfg.train_args, task)
-        planned = tcfg.hyper(runs.base_hyper(task, tcfg.dataset)).run_steps
+    groups = ([[t] for t in cfg.tasks] if cfg.max_group is None
+              else pack_tasks(cfg.tasks, len(cfg.seeds), cfg.max_group, cfg.train_args))
+    for group in groups:
+        task = ",".join(group)
+        tcfg = _train_config(cfg.train_args, group[0])  # a packed run's tasks share their schedule (pack_key)
+        planned = tcfg.hyper(runs.base_hyper(group[0], tcfg.dataset)).run_steps
         specs.append(RunSpec(task, tuple(cfg.seeds), str(run_dir_for(out, task)), cfg.train_args, planned, threads,
                              stop))
     return specs
+
+
+def format_plan(specs: list[RunSpec]) -> list[str]:
+    """The runs a sweep starts, one line each (--dry-run): tasks, agents, steps."""
+    lines = []
+    for i, s in enumerate(specs, 1):
+        tasks = s.task.split(",")
+        lines.append(f"run {i:>2}: {len(tasks)} task(s) x {len(s.seeds)} seed(s) = {len(tasks) * len(s.seeds)} agents, "
+                     f"{s.planned_steps:,} steps: {', '.join(tasks)}")
+    agents = sum(len(s.task.split(",")) * len(s.seeds) for s in specs)
+    lines.append(f"{len(specs)} run(s) (one process each), {agents} agents")
+    return lines
 
 
 # -- one run, inside a Ray worker -------------------------------------------------------------------
@@ -479,6 +542,11 @@ def _check_manifest(out: Path, cfg: SweepConfig) -> dict:
     if manifest and manifest.get("layout") != LAYOUT:
         raise SweepError(f"{out} holds a sweep made before seed groups (one run folder per seed); sweep into "
                          "another --out (python -m dtql_fast.report still reads it)")
+    if manifest and manifest.get("max_group") != cfg.max_group:
+        had = "unpacked" if manifest.get("max_group") is None else f"--pack --max-group {manifest['max_group']}"
+        now = "unpacked" if cfg.max_group is None else f"--pack --max-group {cfg.max_group}"
+        raise SweepError(f"{out} was swept {had}, this command asks for {now}: its runs would not be found again; "
+                         "re-run with the same packing or sweep into another --out")
     old_seeds = manifest.get("seeds")
     if old_seeds is not None and list(old_seeds) != list(cfg.seeds):
         raise SweepError(f"{out} was swept with --seeds {format_seeds(old_seeds)}, not {format_seeds(cfg.seeds)}: "
@@ -510,10 +578,13 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
             results[s.run_dir] = RunResult(s.task, s.seeds, s.run_dir, "skipped", steps=s.planned_steps)
     todo = [s for s in specs if s.run_dir not in results]
     manifest.update(layout=LAYOUT, tasks=list(cfg.tasks), seeds=list(cfg.seeds), train_args=list(cfg.train_args),
-                    train_settings=_identity(cfg.train_args, cfg.tasks[0]), started=time.time())
+                    train_settings=_identity(cfg.train_args, cfg.tasks[0]), max_group=cfg.max_group,
+                    started=time.time())
     runs.write_json_atomic(out / "sweep.json", manifest)
-    print(f"sweep {out}: {len(cfg.tasks)} task(s) x {len(cfg.seeds)} seed(s) ({format_seeds(cfg.seeds)}), one run "
-          f"(one process) per task; {len(results)} already finished, {len(todo)} to run", file=stream)
+    per = "per task" if cfg.max_group is None else f"packed, at most {cfg.max_group} agents each"
+    print(f"sweep {out}: {len(cfg.tasks)} task(s) x {len(cfg.seeds)} seed(s) ({format_seeds(cfg.seeds)}), "
+          f"{len(specs)} run(s) (one process each, {per}); {len(results)} already finished, {len(todo)} to run",
+          file=stream)
 
     started_ray = False
     if todo and not ray.is_initialized():
@@ -595,6 +666,12 @@ def _stop(signum, frame):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.dry_run:
+        try:
+            print("\n".join(format_plan(plan_runs(cfg))))
+        except SweepError as e:
+            raise SystemExit(f"error: {e}")
+        return
     signal.signal(signal.SIGTERM, _stop)  # stopped by a job scheduler: checkpoint the runs, as on Ctrl-C
     try:
         results = run_sweep(cfg)

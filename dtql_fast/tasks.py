@@ -63,6 +63,7 @@ class Task:
     reward_shift: float = 0.0    # AntMaze: r - 1 (the IQL convention)
     eval_episodes: int = 10
     obs_keys: tuple[str, ...] = field(default=())  # dict observations flattened in this order
+    widths: tuple[int, int] | None = None  # (state, action) of its data and env, known before loading (WIDTHS)
 
     def normalized_score(self, ret: float) -> float | None:
         if self.ref_min is None or self.ref_max is None:
@@ -115,6 +116,10 @@ _KITCHEN_FILES = {
     "mixed": "kitchen_microwave_kettle_bottomburner_light-v0.hdf5",
 }
 ANTMAZE_OBS_KEYS = ("achieved_goal", "observation")
+# (state, action) widths of each environment family's data (the loader checks them against the env): what
+# tells, before anything is loaded, which tasks can share one step (sweep --pack).
+WIDTHS = {"walker2d": (17, 6), "hopper": (11, 3), "halfcheetah": (17, 6), "antmaze": (29, 8), "pen": (45, 24),
+          "kitchen": (60, 9)}
 
 
 def _task_for(name: str, hyper: Hyper) -> Task:
@@ -148,6 +153,7 @@ for _name, _alpha, _gamma, _lr, _decay, _epochs, _batch, _expectile in _TABLE:
         # The -v2 AntMaze files use the -v0 settings, trained for 500 epochs (paper).
         _v2 = _name.replace("-v0", "-v2")
         TASKS[_v2] = _task_for(_v2, _h.replace(epochs=500))
+TASKS = {n: dataclasses.replace(t, widths=WIDTHS[n.split("-")[0]]) for n, t in TASKS.items()}
 
 
 class UnknownTaskError(ValueError):

@@ -33,8 +33,8 @@ from .reporting import (MetricLog, eval_mean, eval_message, eval_rows, eval_summ
                         progress_postfix, run_time, start_message, train_rows)
 from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
 from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
-from .transitions import DatasetError
-from .update import FastDTQL, StepRunner
+from .transitions import AgentData, DatasetError
+from .update import FastDTQL, GroupMismatch, StepRunner
 
 # Still importable from here, where they were before reporting.py (profiling.gpu_check imports hardware).
 hardware, over_seeds = reporting.hardware, reporting.over_seeds
@@ -69,10 +69,14 @@ def _option(default, help: str | None = None, **meta):
 @dataclass
 class TrainConfig:
     """Every flag of python -m dtql_fast.train, in --help's order, with its help text."""
-    task: str = _option(OFFLINE_DATASET_ID, "a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari "
-                                            "dataset id (e.g. mujoco/walker2d/medium-v0)")
+    task: str | list[str] = _option(
+        OFFLINE_DATASET_ID, "a D4RL task of the paper's table (e.g. walker2d-medium-v2) or a Minari dataset id (e.g. "
+                            "mujoco/walker2d/medium-v0); a comma list trains every task's agents in one step (their "
+                            "state and action widths and shared settings equal; each agent samples its own task's "
+                            "data and plays its own task's env)", grid=True)
     dataset: str | None = _option(None, "path to the D4RL HDF5 file (default: the D4RL cache, ~/.d4rl/datasets); "
-                                        "for a Minari id, the Minari datasets folder")
+                                        "for a Minari id, the Minari datasets folder; with a --task list, one path "
+                                        "for all or a comma list of one per task")
     # None: seed 0 (or, resuming, the checkpoint's)
     seed: int | None = _option(None, "one agent: seeds weights, batches, noise and evaluation (default: 0)",
                                group="who")
@@ -146,6 +150,22 @@ class TrainConfig:
         return [(setting, s) for setting in self.settings() for s in seeds]
 
     @property
+    def tasks(self) -> list[str]:
+        """--task as a list: one task, or a grid's tasks in their order."""
+        return list(self.task) if isinstance(self.task, list) else [self.task]
+
+    def datasets(self) -> list[str | None]:
+        """--dataset for each of `tasks` (one path for all, or one per task)."""
+        if self.dataset is None or "," not in self.dataset:
+            return [self.dataset] * len(self.tasks)
+        return self.dataset.split(",")
+
+    @property
+    def task_of_agent(self) -> list[int]:
+        """Each agent's index in `tasks`."""
+        return [self.tasks.index(setting.get("task", self.tasks[0])) for setting, _ in self.cells]
+
+    @property
     def agents(self) -> list[int]:
         """The seed of each agent (in a grid a seed recurs, once per setting)."""
         return [s for _, s in self.cells]
@@ -163,9 +183,11 @@ class TrainConfig:
                 if k in names and v is not None and not isinstance(v, list)}
         return base.replace(**over)
 
-    def agent_hypers(self, shared: Hyper) -> list[Hyper]:
-        """Each agent's settings: `shared` (hyper(...)) with its grid cell's values."""
-        return [shared.replace(**setting) for setting, _ in self.cells]
+    def agent_hypers(self, bases: list[Hyper]) -> list[Hyper]:
+        """Each agent's settings: its task's entry of `bases` (hyper(...) of each of `tasks`) with its grid cell's
+        values."""
+        return [bases[i].replace(**{k: v for k, v in setting.items() if k != "task"})
+                for i, (setting, _) in zip(self.task_of_agent, self.cells)]
 
 
 # What a resume may change (each field's metadata "resume" gives its place in this list): the flags that
@@ -182,7 +204,7 @@ GRID_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadat
 
 def setting_label(setting: dict) -> str:
     """A grid cell's name in rows, messages and folder names: 'alpha=5', 'alpha=5,gamma=0'."""
-    return ",".join(f"{k}={v:g}" for k, v in setting.items())
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
 
 
 def agent_labels(cfg: TrainConfig) -> list[dict] | None:
@@ -256,7 +278,9 @@ def _add_flag(to, f: dataclasses.Field, kind: type):
     kw = {"default": f.default, "help": meta["help"]}
     if f.name == "resume":
         kw["help"] += ", ".join(map(flag, RESUME_MAY_CHANGE))
-    if meta["grid"]:
+    if meta["grid"] and f.name == "task":
+        kw["type"], kw["metavar"] = _grid_values(f.name, str), "TASK[,TASK...]"
+    elif meta["grid"]:
         kw["type"], kw["metavar"] = _grid_values(f.name), "X[,X...]"
         kw["help"] = (kw["help"] + "; " if kw["help"] else "") + "a comma list trains one agent per value (a grid)"
     elif kind is bool:  # a switch; None by default: --x / --no-x, "not given" left to the run
@@ -267,13 +291,16 @@ def _add_flag(to, f: dataclasses.Field, kind: type):
     to.add_argument(flag(f.name), **kw)
 
 
-def _grid_values(name: str):
-    """A grid flag's argparse type: '5' -> 5.0, '1,5,20' -> [1.0, 5.0, 20.0] (a value listed twice refused)."""
+def _grid_values(name: str, kind: type = float):
+    """A grid flag's argparse type: '5' -> 5.0, '1,5,20' -> [1.0, 5.0, 20.0] (a value listed twice refused);
+    of names (kind str), 'a,b' -> ['a', 'b']."""
     def parse(text: str):
         try:
-            values = [float(x) for x in text.split(",")]
+            values = [kind(x.strip()) for x in text.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: give a number or a comma list of numbers (1,5,20)") from None
+        if kind is str and not all(values):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty name in the list")
         if len(set(values)) < len(values):
             raise argparse.ArgumentTypeError(f"{text!r}: a value is listed twice")
         return values[0] if len(values) == 1 else values
@@ -370,8 +397,8 @@ def run_folder(cfg: TrainConfig) -> Path:
         return Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
     who = f"s{cfg.seed or 0}" if cfg.seeds is None else folder_label(cfg.seeds)
     grid = "".join(f"-{k}{'_'.join(f'{v:g}' for v in getattr(cfg, k))}" for k in GRID_FIELDS
-                   if isinstance(getattr(cfg, k), list))
-    return Path(f"runs/{cfg.task.replace('/', '_')}{grid}-{who}")
+                   if k != "task" and isinstance(getattr(cfg, k), list))
+    return Path(f"runs/{'+'.join(t.replace('/', '_') for t in cfg.tasks)}{grid}-{who}")
 
 
 def check_seed_flags(cfg: TrainConfig):
@@ -477,7 +504,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     # The stream of batches and draws (the agents draw their initial weights under their own seeds).
     torch.manual_seed(cfg.agents[0])
     loaded, hyper = load_checked_data(cfg, device)
-    agent = build_agent(cfg, loaded.transitions, hyper, device)
+    agent = build_agent(cfg, loaded.transitions, hyper, [cfg.hyper(t.task.hyper) for t in loaded.per_task], device)
     start, kept_rows = load_agent_state(agent, latest, cfg, out, device)
     checkpoint.remove_partial(out)
     run = Run(cfg, out, device, loaded, hyper, agent, latest, start)  # writes config.json, prints the first line
@@ -561,16 +588,15 @@ def resume_from(cfg: TrainConfig, out: Path, device: torch.device) -> tuple[Trai
     return cfg, latest
 
 
-def load_checked_data(cfg: TrainConfig, device: torch.device):
-    """The run's data (load_run_data), its widths checked against the evaluation env's, and the run's
-    hyperparameters (the task's table with the command's overrides). Refused when evaluation cannot run."""
+def load_checked_data(cfg: TrainConfig, device: torch.device) -> tuple[RunData, Hyper]:
+    """The run's data (load_run_data), its widths checked against the evaluation envs', and the run's shared
+    hyperparameters (the first task's table with the command's overrides). Refused when evaluation cannot run."""
     loaded = load_run_data(cfg, device)
-    check_env_widths(loaded, need_env=not cfg.no_eval)
-    hyper = cfg.hyper(loaded.task.hyper)
-    if cfg.no_eval is False and loaded.env_problem:
-        raise SystemExit(f"error: evaluation for {cfg.task} cannot run: {loaded.env_problem} "
-                         "(or pass --no-eval)")
-    return loaded, hyper
+    for name, one in zip(cfg.tasks, loaded.per_task):
+        check_env_widths(one, need_env=not cfg.no_eval)
+        if cfg.no_eval is False and one.env_problem:
+            raise SystemExit(f"error: evaluation for {name} cannot run: {one.env_problem} (or pass --no-eval)")
+    return loaded, cfg.hyper(loaded.per_task[0].task.hyper)
 
 
 def kernels_of(cfg: TrainConfig, device: torch.device) -> str:
@@ -584,16 +610,17 @@ def net_shapes(agent: FastDTQL) -> dict:
             "noise_levels": agent.hyper.noise_levels}
 
 
-def build_agent(cfg: TrainConfig, data, hyper: Hyper, device: torch.device) -> FastDTQL:
-    """The run's agents (one step for all; `hyper` what they share, each with its grid cell's settings), their
-    initial weights drawn here; a group too large for the device refused before it is built."""
+def build_agent(cfg: TrainConfig, data, hyper: Hyper, bases: list[Hyper], device: torch.device) -> FastDTQL:
+    """The run's agents (one step for all; `hyper` what they share, each with its task's table (`bases`) and its
+    grid cell's settings), their initial weights drawn here; a group too large for the device refused before it
+    is built."""
     if len(cfg.agents) > 1:  # one agent's weights tell what the group needs, before the group is built
         one = FastDTQL(data.state_dim, data.action_dim, hyper, "cpu")
         footprint.check_group_fits(len(cfg.agents), footprint.weight_bytes_of(one.params()), hyper.batch_size,
                                    hyper.hidden, device)
         del one
     return FastDTQL(data.state_dim, data.action_dim, hyper, device, kernels=kernels_of(cfg, device), seeds=cfg.agents,
-                    hypers=cfg.agent_hypers(hyper))
+                    hypers=cfg.agent_hypers(bases), datasets=cfg.task_of_agent)
 
 
 def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: TrainConfig, out: Path,
@@ -675,7 +702,7 @@ class Run:
         self.who = agent_labels(cfg)
         self.labels = [""] if self.who is None else [f"{reporting.agent_name(w)}: " for w in self.who]  # in messages
         self.kernels = kernels_of(cfg, device)
-        self.eval_episodes = cfg.eval_episodes or loaded.task.eval_episodes
+        self.eval_episodes = cfg.eval_episodes or loaded.eval_episodes()
         self.spe = hyper.steps_per_epoch
         self.pre_total, self.total = hyper.pretrain_epochs * self.spe, hyper.run_steps
         self.choice = compiling.initial(cfg.compile, device)  # compile or not; None: decided after timing eager steps
@@ -691,7 +718,7 @@ class Run:
         (out / runfolder.CONFIG).write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                         "hyper": dataclasses.asdict(hyper),
                                                         "task": cfg.task, "source": loaded.source}, indent=2))
-        print(start_message(cfg.task, cfg.seed, self.who, self.data, device,
+        print(start_message(",".join(cfg.tasks), cfg.seed, self.who, self.data, device,
                             self.mode() if self.choice.compile is not None else "auto", self.choice.why,
                             self.kernels, out))
         if loaded.note:
@@ -839,19 +866,72 @@ class Run:
                   "more would mean a recompile)")
         if last_eval is not None:
             summary.update(eval_summary(last_eval, who, self.eval_episodes, self.loaded.behaviour_return))
-            print(final_message(cfg.task, summary, who))
+            if len(cfg.tasks) > 1:
+                summary["behaviour_returns"] = {t: one.behaviour_return for t, one in zip(cfg.tasks, self.loaded.per_task)}
+            print(final_message(",".join(cfg.tasks), summary, who))
         (self.out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
 
 
-def load_run_data(cfg: TrainConfig, device: torch.device):
-    """The dataset (and evaluation env, task, reference scores) a run trains on: its --dataset file or
-    Minari id, else the task's D4RL file; the offline Reacher demo for the default task."""
-    if cfg.task == OFFLINE_DATASET_ID and cfg.dataset is None:
-        loaded = build_offline_dataset(device=device)
-        loaded.task = dataclasses.replace(loaded.task, hyper=OFFLINE_DEMO_HYPER)
-        return loaded
-    return load_dataset(cfg.task, cfg.dataset, device)
+@dataclass
+class RunData:
+    """What a run's agents train and are evaluated on: each task's data.LoadedData (dataset, evaluation env,
+    reference scores), in --task order, and the task of each agent. `transitions`: one task's Transitions, or
+    for a task list an AgentData, each agent sampling its own task's rows."""
+    per_task: list
+    of_agent: list[int]
+    transitions: object
+
+    def agent(self, i: int):
+        """Agent i's task's LoadedData."""
+        return self.per_task[self.of_agent[i]]
+
+    @property
+    def source(self) -> str:
+        return ",".join(one.source for one in self.per_task)
+
+    @property
+    def note(self) -> str:
+        return "; ".join(one.note for one in self.per_task if one.note)
+
+    @property
+    def behaviour_return(self) -> float | None:
+        """The behaviour data's mean return (None for a task list: summary.json has each task's)."""
+        return self.per_task[0].behaviour_return if len(self.per_task) == 1 else None
+
+    def eval_episodes(self) -> int:
+        counts = {one.task.eval_episodes for one in self.per_task}
+        if len(counts) > 1:
+            raise ConfigError("the tasks evaluate different numbers of episodes ("
+                              + ", ".join(f"{one.task.name}: {one.task.eval_episodes}" for one in self.per_task)
+                              + "); give --eval-episodes")
+        return counts.pop()
+
+
+def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
+    """The datasets (and evaluation envs, tasks, reference scores) a run trains on: for each task its --dataset
+    file or Minari id, else the task's D4RL file; the offline Reacher demo for the default task. A task list's
+    datasets must share state and action widths."""
+    paths = cfg.datasets()
+    if len(paths) != len(cfg.tasks):
+        raise ConfigError(f"--dataset gives {len(paths)} paths for {len(cfg.tasks)} tasks; give one path, or one "
+                          "per task in --task's order")
+    per_task = []
+    for name, path in zip(cfg.tasks, paths):
+        if name == OFFLINE_DATASET_ID and path is None:
+            one = build_offline_dataset(device=device)
+            one.task = dataclasses.replace(one.task, hyper=OFFLINE_DEMO_HYPER)
+        else:
+            one = load_dataset(name, path, device)
+        per_task.append(one)
+    if len(per_task) == 1:
+        return RunData(per_task, [0] * len(cfg.agents), per_task[0].transitions)
+    widths = {name: (one.transitions.state_dim, one.transitions.action_dim) for name, one in zip(cfg.tasks, per_task)}
+    if len(set(widths.values())) > 1:
+        raise ConfigError("the tasks of one run must share state and action widths; got "
+                          + ", ".join(f"{t}: state {s}, action {a}" for t, (s, a) in widths.items()))
+    of_agent = cfg.task_of_agent
+    return RunData(per_task, of_agent, AgentData([one.transitions for one in per_task], of_agent))
 
 
 def env_seed(seed: int) -> int:
@@ -871,6 +951,7 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
     in one vector env, one acting call per env step. Compiled, every call acts on all `episodes` rows an
     agent, finished envs padded, so the acting graph never recompiles."""
     A, R = loaded.transitions.action_dim, hyper.num_candidates
+    agents = range(len(cfg.agents))
 
     def draws(seed: int) -> torch.Generator:
         return eval_generator(seed, step, device)
@@ -879,8 +960,8 @@ def evaluate_agents(act_rule, loaded, hyper, device: torch.device, cfg: TrainCon
         return env_seed(seed) if first_env_seed is None else first_env_seed + 10_000 * i
 
     act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.agents], pad=padded)
-    return evaluate_group(act, loaded.make_env, episodes, [envs(i, s) for i, s in enumerate(cfg.agents)],
-                          task=loaded.task)
+    return evaluate_group(act, [loaded.agent(i).make_env for i in agents], episodes,
+                          [envs(i, s) for i, s in enumerate(cfg.agents)], task=[loaded.agent(i).task for i in agents])
 
 
 def main(argv=None):
@@ -889,7 +970,7 @@ def main(argv=None):
         train(cfg)
     except (UnknownTaskError, DatasetError, checkpoint.CheckpointError, divergence.Diverged,
             runfolder.RunFolderBusy, runfolder.CannotWrite, footprint.GroupTooLarge, SeedListError,
-            ConfigError) as e:
+            ConfigError, GroupMismatch) as e:
         raise SystemExit(f"error: {e}")
     except (OSError, RuntimeError) as e:  # a metric file, summary or plot meeting a full or read-only disk
         fault = runfolder.write_fault(e)

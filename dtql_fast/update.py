@@ -135,26 +135,30 @@ class FastDTQL:
     `seeds`: one per agent (a leading dimension of every tensor), agent i's initial weights drawn
     under torch.manual_seed(seeds[i]) (the global RNG left as it was). One agent is a group of one.
     `hypers`: agent i's settings (default: `hyper` for every agent); they may differ in PER_AGENT
-    fields only (GroupMismatch otherwise). `hyper` gives what the group shares.
+    fields only (GroupMismatch otherwise). `hyper` gives what the group shares. `datasets`: which dataset
+    agent i samples (transitions.AgentData), where they differ: two agents may repeat a seed and settings
+    on different data, never on the same.
     """
 
     def __init__(self, state_dim: int, action_dim: int, hyper: Hyper, device="cpu", kernels: str = "torch",
-                 seeds: Sequence[int] = (0,), hypers: Sequence[Hyper] | None = None):
+                 seeds: Sequence[int] = (0,), hypers: Sequence[Hyper] | None = None,
+                 datasets: Sequence[int] | None = None):
         h = self.hyper = hyper
         self.device = torch.device(device)
         self.state_dim, self.action_dim = state_dim, action_dim
         self.hypers = list(hypers) if hypers is not None else [hyper] * len(seeds)
         if len(self.hypers) != len(seeds):
             raise GroupMismatch(f"{len(self.hypers)} agents' settings for {len(seeds)} seeds")
-        if len(set(self.hypers)) <= 1:  # a seed group: each seed once (and at least one)
+        data = list(datasets) if datasets is not None else [0] * len(seeds)
+        if len(set(self.hypers)) <= 1 and len(set(data)) <= 1:  # a seed group: each seed once (and at least one)
             self.seeds = list(check_seeds(seeds))
-        else:  # a grid: a seed may recur, with other settings (the same start, another run)
+        else:  # a grid: a seed may recur, with other settings or data (the same start, another run)
             self.seeds = [check_seeds([s])[0] for s in seeds]
             seen = set()
-            for i, agent in enumerate(zip(self.seeds, self.hypers)):
+            for i, agent in enumerate(zip(self.seeds, self.hypers, data)):
                 if agent in seen:
-                    raise GroupMismatch(f"agent {i} (seed {agent[0]}) repeats an earlier agent's seed and settings; "
-                                        "each agent trains once")
+                    raise GroupMismatch(f"agent {i} (seed {agent[0]}) repeats an earlier agent's seed, settings and "
+                                        "data; each agent trains once")
                 seen.add(agent)
         check_group([hyper, *self.hypers], ["the group", *(f"agent {i} (seed {s})" for i, s in enumerate(self.seeds))])
         N = len(self.seeds)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.ranges import ProfileWindow, phase
 from dtql_fast.reference import ReferenceDTQL
-from dtql_fast.tasks import TASKS, Hyper
+from dtql_fast.tasks import TASKS, WIDTHS, Hyper
 from dtql_fast.transitions import Transitions
 from dtql_fast.update import METRICS, CUDAGraphStep, FastDTQL
 from dtql_fast.profiling.equivalence import FLOOR_ULP
@@ -26,8 +26,7 @@ CUDA_ONLY = ("cudagraph", "cudagraph-triton")
 DEFAULT_VARIANTS = "reference,eager,compile"
 
 # (state dim, action dim) of each environment family: the synthetic data's shapes.
-SHAPES = {"walker2d": (17, 6), "hopper": (11, 3), "halfcheetah": (17, 6), "antmaze": (29, 8),
-          "pen": (45, 24), "kitchen": (60, 9)}
+SHAPES = WIDTHS  # (state, action) per environment family
 # A bare family name picks one task of the table (its hyperparameters).
 SHORT_NAMES = {"walker2d": "walker2d-medium-v2", "hopper": "hopper-medium-v2",
                "halfcheetah": "halfcheetah-medium-v2", "antmaze": "antmaze-umaze-v0",

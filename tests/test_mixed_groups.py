@@ -135,8 +135,12 @@ def test_a_group_refuses_settings_it_cannot_share():
         FastDTQL(5, 2, base, seeds=[0, 1], hypers=[base.replace(hidden=32), base.replace(hidden=32)])
     with pytest.raises(GroupMismatch, match="3 agents' settings for 2 seeds"):
         FastDTQL(5, 2, base, seeds=[0, 1], hypers=[base] * 3)
-    with pytest.raises(GroupMismatch, match=r"agent 2 \(seed 0\) repeats an earlier agent's seed and settings"):
+    with pytest.raises(GroupMismatch, match=r"agent 2 \(seed 0\) repeats an earlier agent's seed, settings and data"):
         FastDTQL(5, 2, base, seeds=[0, 0, 0], hypers=[base, base.replace(alpha=5), base])
+    # the same seed and settings on two datasets are two agents (a --task list), on one dataset not
+    assert FastDTQL(5, 2, base, seeds=[0, 0], datasets=[0, 1]).seeds == [0, 0]
+    with pytest.raises(GroupMismatch, match=r"agent 2 \(seed 0\) repeats"):
+        FastDTQL(5, 2, base, seeds=[0, 0, 0], datasets=[0, 1, 0])
     with pytest.raises(DatasetError, match=r"share state and action widths; got \[\(5, 2\), \(6, 2\)\]"):
         AgentData([_data(5, 2, 10, 0), _data(6, 2, 10, 0)], [0, 1])
 

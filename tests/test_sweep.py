@@ -11,14 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import ray
 import torch
 
 from dtql_fast import checkpoint, runs, sweep
 from dtql_fast.sweep import SweepConfig, SweepError, parse_args, run_sweep
+from d4rl_files import write_d4rl
 from tree import tensors
 
 # 1 pretraining epoch + 3 epochs of 10 steps, evaluated (1 episode) and checkpointed after every epoch.
@@ -28,27 +27,12 @@ TOTAL = 40
 GOOD, BAD = ("hopper-medium-v2", "walker2d-medium-v2"), "halfcheetah-medium-v2"
 
 
-def _write_d4rl(path: Path, state_dim: int, action_dim: int, n: int = 400, nan_at: int | None = None):
-    rng = np.random.default_rng(0)
-    obs = rng.standard_normal((n, state_dim)).astype(np.float32)
-    if nan_at is not None:
-        obs[nan_at, 0] = np.nan
-    timeouts = np.zeros(n, bool)
-    timeouts[99::100] = True
-    with h5py.File(path, "w") as f:
-        f["observations"] = obs
-        f["actions"] = rng.uniform(-1, 1, (n, action_dim)).astype(np.float32)
-        f["rewards"] = rng.standard_normal(n).astype(np.float32)
-        f["terminals"] = np.zeros(n, bool)
-        f["timeouts"] = timeouts
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("d4rl")
-    _write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3)
-    _write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6)
-    _write_d4rl(d / "halfcheetah_medium-v2.hdf5", 17, 6, nan_at=7)   # bad data
+    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3)
+    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6)
+    write_d4rl(d / "halfcheetah_medium-v2.hdf5", 17, 6, nan_at=7)   # bad data
     return d
 
 
@@ -116,7 +100,8 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(grid, data_dir):
                   (d / "metrics.jsonl").read_text()) for d in good_dirs}
     log = io.StringIO()
     results = run_sweep(_cfg(out, data_dir, (*GOOD, BAD)), stream=log)
-    assert "3 task(s) x 2 seed(s) (0-1), one run (one process) per task; 2 already finished, 1 to run" in log.getvalue()
+    assert ("3 task(s) x 2 seed(s) (0-1), 3 run(s) (one process each, per task); 2 already finished, 1 to run"
+            in log.getvalue())
     assert sorted(r.state for r in results) == ["failed", "skipped", "skipped"]
     for d in good_dirs:  # nothing trained twice
         assert ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runs.ATTEMPTS).read_text(),
@@ -347,3 +332,60 @@ def test_report_on_the_sweep(grid, tmp_path):
     csv_rows = (tmp_path / "report" / "report.csv").read_text().splitlines()
     assert csv_rows[0].startswith("task,metric,seeds,unfinished,failed,last_mean")
     assert any(line.startswith(f"{GOOD[0]},normalised_score,2,0,0,") for line in csv_rows)
+
+
+# -- packing: the tasks that can share one step in one run --------------------------------------------
+
+def test_dry_run_packs_table_1_into_eleven_processes(capsys):
+    """--tasks all --pack: runs hold only tasks of equal widths, schedule and evaluation episodes, at most
+    --max-group agents each."""
+    from dtql_fast.tasks import TASKS
+
+    sweep.main(["--tasks", "all", "--seeds", "0-4", "--pack", "--out", "unused", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "11 run(s) (one process each), 130 agents"
+    runs_ = [line.split(": ", 2)[2].split(", ") for line in lines[:-1]]
+    assert sorted(t for r in runs_ for t in r) == sorted(TASKS[t].name for t in sweep.parse_tasks("all"))
+    for tasks in runs_:
+        assert len(tasks) * 5 <= 30
+        assert len({(TASKS[t].widths, TASKS[t].hyper.epochs, TASKS[t].hyper.batch_size, TASKS[t].eval_episodes)
+                    for t in tasks}) == 1
+    assert runs_[0] == ["halfcheetah-medium-v2", "walker2d-medium-v2", "halfcheetah-medium-replay-v2",
+                        "walker2d-medium-replay-v2", "halfcheetah-medium-expert-v2", "walker2d-medium-expert-v2"]
+    sweep.main(["--tasks", "all", "--seeds", "0-4", "--pack", "--max-group", "10", "--out", "unused", "--dry-run"])
+    assert capsys.readouterr().out.splitlines()[-1] == "16 run(s) (one process each), 130 agents"
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--tasks", "all", "--seeds", "0-4", "--pack", "--max-group", "3", "--out", "x"])
+    assert "--max-group 3: a run holds at least one task's 5 seeds" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("d4rl-pack")
+    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6)
+    write_d4rl(d / "halfcheetah_medium-v2.hdf5", 17, 6, n=300)
+    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3)
+    return d
+
+
+def test_a_packed_sweep_trains_compatible_tasks_in_one_process(local_ray, pack_dir, tmp_path):
+    from dtql_fast import report
+
+    tasks = ("walker2d-medium-v2", "hopper-medium-v2", "halfcheetah-medium-v2")
+    cfg = _cfg(tmp_path / "packed", pack_dir, tasks, max_group=4)
+    log = io.StringIO()
+    results = run_sweep(cfg, stream=log)
+    assert [(r.task, r.state, r.steps) for r in results] == [
+        ("walker2d-medium-v2,halfcheetah-medium-v2", "finished", TOTAL), ("hopper-medium-v2", "finished", TOTAL)]
+    assert "2 run(s) (one process each, packed, at most 4 agents each)" in log.getvalue()
+    both = sweep.run_dir_for(tmp_path / "packed", results[0].task)
+    assert both.name == "walker2d-medium-v2+halfcheetah-medium-v2"
+    assert "--task walker2d-medium-v2,halfcheetah-medium-v2 --seeds 0-1" in (both / runs.LOG).read_text()
+    summary = json.loads((both / "summary.json").read_text())
+    assert summary["settings"] == ["task=walker2d-medium-v2", "task=halfcheetah-medium-v2"]
+    _, rows, _ = report.report(tmp_path / "packed", tmp_path / "report")
+    assert sorted((r.task, r.seeds, r.failed) for r in rows) == sorted((t, 2, 0) for t in tasks)
+    again = run_sweep(cfg, stream=io.StringIO())
+    assert [r.state for r in again] == ["skipped", "skipped"]
+    with pytest.raises(SweepError, match=r"was swept --pack --max-group 4, this command asks for unpacked"):
+        run_sweep(dataclasses.replace(cfg, max_group=None), stream=io.StringIO())

@@ -1,6 +1,9 @@
 """The compiled CPU step under inductor's Python wrapper and under its C++ wrapper, side by side.
 
     python -m dtql_fast.profiling.wrapper_ab --task walker2d-medium-v2 --threads 1 --json out.json
+    python -m dtql_fast.profiling.wrapper_ab --candidate '{"aggressive_fusion": true}'   # any inductor options
+
+With --candidate, the sides are inductor's defaults and the step compiled with those options instead.
 
 Both sides compile the same FastDTQL step (a group of one, the same weights and draws). For each
 side, the cold compile runs first in a process of its own with empty inductor caches: the first
@@ -60,29 +63,30 @@ def _setup(task: str, threads: int, n_draws: int):
     return data, draws, agent_and_step
 
 
-def compile_cold(task: str, threads: int, side: str) -> dict:
-    """In a fresh process with empty caches: the first call of `side`'s compiled step, and its split."""
+def compile_cold(task: str, threads: int, opts: dict) -> dict:
+    """In a fresh process with empty caches: the first call of the step compiled with `opts`, and its split."""
     from torch._dynamo.utils import compilation_time_metrics
     data, draws, agent_and_step = _setup(task, threads, 1)
-    _, step = agent_and_step(WRAPPERS[side])
+    _, step = agent_and_step(opts)
     before = {k: len(v) for k, v in compilation_time_metrics.items()}
     t0 = time.perf_counter()
     step(data, draws[0].as_group())
     return {"first_call_s": round(time.perf_counter() - t0, 2), "compile_s": _compile_split(before)}
 
 
-def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5) -> dict:
+def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5, sides: dict | None = None) -> dict:
+    sides_opts = sides or WRAPPERS
     out = {}
-    for side in WRAPPERS:
+    for side, opts in sides_opts.items():
         with tempfile.TemporaryDirectory(prefix="dtql-wrapper-ab-") as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             cmd = [sys.executable, "-m", "dtql_fast.profiling.wrapper_ab", "--task", task, "--threads", str(threads),
-                   "--cold", side]
+                   "--cold", json.dumps(opts)]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[side] = {**json.loads(res.stdout.strip().splitlines()[-1]), "step_ms": []}
     data, draws, agent_and_step = _setup(task, threads, warmup + blocks * block)
     sides, agents = {}, {}
-    for name, opts in WRAPPERS.items():
+    for name, opts in sides_opts.items():
         agents[name], step = agent_and_step(opts)
         for d in draws[:warmup]:
             step(data, d.as_group())
@@ -96,11 +100,12 @@ def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5) -
                 out[name]["step_ms"].append((time.perf_counter() - t0) * 1e3)
     for name in sides:
         out[name]["step_ms_median"] = statistics.median(out[name]["step_ms"])
-    a, b = (agents[n].state_dict() for n in WRAPPERS)
+    a, b = (agents[n].state_dict() for n in sides_opts)
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point())
-    return {"task": task, "threads": threads, "blocks": blocks, "block": block, "sides": out,
-            "max_weight_difference": diff,
-            "cpp_over_python_step": out["cpp"]["step_ms_median"] / out["python"]["step_ms_median"]}
+    first, second = list(sides_opts)
+    return {"task": task, "threads": threads, "blocks": blocks, "block": block,
+            "options": sides_opts, "sides": out, "max_weight_difference": diff,
+            "second_over_first_step": out[second]["step_ms_median"] / out[first]["step_ms_median"]}
 
 
 def main(argv=None) -> int:
@@ -111,22 +116,26 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=10, help="alternating blocks per side")
     p.add_argument("--block", type=int, default=20, help="steps per block")
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--cold", choices=list(WRAPPERS), help=argparse.SUPPRESS)  # the per-side cold-compile process
+    p.add_argument("--candidate", metavar="JSON", type=json.loads,
+                   help="inductor options (torch.compile options=) to compare with the defaults, instead of the wrappers")
+    p.add_argument("--cold", type=json.loads, help=argparse.SUPPRESS)  # the per-side cold-compile process's options
     a = p.parse_args(argv)
-    if a.cold:
+    if a.cold is not None:
         print(json.dumps(compile_cold(resolve_task(a.task), a.threads, a.cold)))
         return 0
-    r = measure(resolve_task(a.task), a.threads, a.blocks, a.block)
+    sides = {"default": {}, "candidate": a.candidate} if a.candidate is not None else WRAPPERS
+    r = measure(resolve_task(a.task), a.threads, a.blocks, a.block, sides=sides)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
     print(f"# {r['task']} compiled step on {cpu}, {a.threads} thread(s); compile seconds cold, step ms median")
-    print("| wrapper | first call s | tracing | AOT + inductor | of which codegen | of which C++ build | step ms |")
+    print("| side | first call s | tracing | AOT + inductor | of which codegen | of which C++ build | step ms |")
     print("|---|---|---|---|---|---|---|")
     for name, s in r["sides"].items():
         c = s["compile_s"]
         print(f"| {name} | {s['first_call_s']:.1f} | {c['tracing']:.1f} | {c['aot_and_inductor']:.1f} | {c['codegen']:.1f} | "
               f"{c['cpp_build']:.1f} | {s['step_ms_median']:.2f} |")
-    print(f"# C++ / Python step: {r['cpp_over_python_step']:.3f}; largest weight difference after the last step: "
-          f"{r['max_weight_difference']:.3g}")
+    first, second = list(sides)
+    print(f"# {second} ({json.dumps(sides[second])}) / {first} step: {r['second_over_first_step']:.3f}; largest "
+          f"weight difference after the last step: {r['max_weight_difference']:.3g}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"cpu": cpu, "command": " ".join(

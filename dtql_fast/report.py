@@ -269,6 +269,10 @@ def _read_run(d: Path) -> list[SeedRun]:
     group = cfg.get("config", {}).get("seeds") or status.get("seeds")
     # A grid's folder (train --alpha 1,5) tags each row with its setting too: one agent per setting and seed.
     cells = list(dict.fromkeys(r["setting"] for r in train_rows + eval_rows if "setting" in r)) or [None]
+    if isinstance(task, str) and "," in task:  # a packed run's status.json, before config.json: its task list
+        task = task.split(",")
+    if isinstance(task, list) and cells == [None]:  # a task list that wrote no rows (failed early): its tasks
+        cells = [f"task={t}" for t in task]
     if isinstance(group, list) or cells != [None]:
         seeds = group if isinstance(group, list) else [cfg.get("config", {}).get("seed") or 0]
         per_seed = [((c, s), [r for r in eval_rows if r.get("seed") == s and r.get("setting") == c])

@@ -868,7 +868,8 @@ class Run:
             summary.update(eval_summary(last_eval, who, self.eval_episodes, self.loaded.behaviour_return))
             if len(cfg.tasks) > 1:
                 summary["behaviour_returns"] = {t: one.behaviour_return for t, one in zip(cfg.tasks, self.loaded.per_task)}
-            print(final_message(",".join(cfg.tasks), summary, who))
+            # a task list's lines name each agent's task in its setting
+            print(final_message(cfg.task if len(cfg.tasks) == 1 else f"{len(cfg.tasks)} tasks", summary, who))
         (self.out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
 

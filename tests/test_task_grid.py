@@ -1,18 +1,21 @@
 """A run over a --task list: every task's agents in one step, each sampling its own task's data at its task's
 own settings and playing its own task's environment (one vector env per task, stepped together); rows,
-summary and report per task; refusals of lists that cannot share a step."""
+summary and report per task; an exact resume; refusals of lists that cannot share a step."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from d4rl_files import write_d4rl
+from dtql_fast import checkpoint, report
 from dtql_fast import evaluate as evaluate_mod
-from dtql_fast import report
 from dtql_fast import train as train_mod
 from dtql_fast.tasks import TASKS, get_task
 from dtql_fast.train import ConfigError, parse_args, train
+from test_train import _stop_at
+from tree import tensors
 
 TINY = ["--epochs", "2", "--steps-per-epoch", "12", "--pretrain-epochs", "1", "--eval-every", "2",
         "--eval-episodes", "1", "--batch-size", "32", "--log-every", "4", "--no-compile", "--threads", "1"]
@@ -25,6 +28,7 @@ def files(tmp_path_factory):
     write_d4rl(d / "walker.hdf5", 17, 6, 400, seed=0)
     write_d4rl(d / "cheetah.hdf5", 17, 6, 300, seed=1)   # another size: each agent draws from its own rows
     write_d4rl(d / "hopper.hdf5", 11, 3, 300, seed=2)
+    write_d4rl(d / "walker-replay.hdf5", 17, 6, 300, seed=3)
     return d
 
 
@@ -88,3 +92,20 @@ def test_the_report_splits_a_packed_run_that_failed_before_writing_rows(tmp_path
     found = report.discover(tmp_path / "sweep")
     assert sorted((r.task, r.seed, r.state, r.setting) for r in found) == sorted(
         (t, s, "failed", None) for t in (WALKER, CHEETAH) for s in (0, 1))
+
+
+def test_a_task_list_resumes_bit_for_bit(files, tmp_path, monkeypatch):
+    """Ctrl-C at step 17 of 36 and --resume end on the straight run's agents, every tensor; here two datasets of
+    one environment under one table entry: the same seed and settings on two datasets are two agents."""
+    args = [*TINY, "--task", f"{WALKER},walker2d-medium-replay-v2", "--dataset",
+            f"{files / 'walker.hdf5'},{files / 'walker-replay.hdf5'}", "--seeds", "0-1"]
+    train(parse_args([*args, "--out", str(tmp_path / "straight")]))
+    with monkeypatch.context() as m:
+        _stop_at(m, 17)
+        with pytest.raises(SystemExit):
+            train(parse_args([*args, "--out", str(tmp_path / "split")]))
+    train(parse_args(["--resume", str(tmp_path / "split")]))
+    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
+    ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
+    assert a["step"] == b["step"] == 36 and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert a["agent"]["seeds"] == [0, 1, 0, 1] and a["task"] == [WALKER, "walker2d-medium-replay-v2"]

@@ -303,7 +303,7 @@ def main(argv=None) -> list[dict]:
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
         loaded = load_run_data(cfg, device)
         agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents,
-                         hypers=cfg.agent_hypers([cfg.hyper(one.task.hyper) for one in loaded.per_task]),
+                         hypers=cfg.agent_hypers(loaded.hypers(cfg)),
                          datasets=cfg.task_of_agent)
         checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
         for name, one in zip(cfg.tasks, loaded.per_task):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import paper, runfolder, runs
 from .curves import draw_mean_curve, mean_curve, mean_std
-from .tasks import TASKS, run_steps
+from .tasks import TASKS, one_per_task, run_steps
 
 MARK_UNFINISHED = "†"
 
@@ -105,8 +105,7 @@ def data_note(task: str, cfg: dict) -> str | None:
     tasks = cfg.get("config", {}).get("task")
     if isinstance(tasks, list) and task in tasks:  # a run over a --task list: this task's own file
         at = tasks.index(task)
-        dataset = dataset.split(",")[at] if dataset and "," in dataset else dataset
-        source = source.split(",")[at] if source else source
+        dataset, source = one_per_task(dataset, len(tasks))[at], one_per_task(source, len(tasks))[at]
     # Without --dataset train.py reads D4RL's file from its cache. With it, the file read (config.json's
     # "source") is D4RL's when it bears D4RL's file name (a folder holding the D4RL files, or the file
     # itself kept elsewhere); any other file is some other data under the task's name.
@@ -280,11 +279,12 @@ def _read_run(d: Path) -> list[SeedRun]:
     else:
         per_seed = [((None, cfg.get("config", {}).get("seed", status.get("seed"))), eval_rows)]
     problems = runs.problems(d)
+    summary = runs.read_json(d / runfolder.SUMMARY)
     out = []
     for (setting, s), rows in per_seed:
         agent_task, setting = _task_of(task, setting)
         note = data_note(agent_task, cfg)
-        timed = run_time(agent_task, cfg, runs.read_json(d / runfolder.SUMMARY), eval_rows, len(per_seed))
+        timed = run_time(agent_task, cfg, summary, eval_rows, len(per_seed))
         kind = "score" if all(r.get("score_mean") is not None for r in rows) else "return"
         evals = [(r["step"], r["score_mean"] if kind == "score" else r["return_mean"]) for r in rows]
         out.append(SeedRun(agent_task, s, d, state, evals, kind, step, total, error, note, timed, problems, setting))

@@ -236,19 +236,23 @@ def final_message(task: str, summary: dict, who: list[dict] | None) -> str:
 # -- summary.json's time: where it went, on which machine ------------------------------------------------
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
 def hardware(device: torch.device) -> str:
     """The machine a run's times were measured on: the GPU's name, or the CPU model and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
 
 def run_time(clock: dict, step: int, pre_total: int, device: torch.device) -> dict:

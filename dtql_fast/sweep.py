@@ -232,11 +232,10 @@ def parse_args(argv=None) -> SweepConfig:
         check_train_args(tuple(extra), tasks)
     except SweepError as e:
         p.error(str(e))
-    cfg = SweepConfig(tasks=tasks, seeds=seeds, out=ns.out, train_args=_absolute_dataset(tuple(extra)),
-                      address=ns.address, num_cpus=ns.num_cpus, cpus_per_run=ns.cpus_per_run,
-                      gpus_per_run=ns.gpus_per_run, max_retries=ns.max_retries, refresh=ns.refresh,
-                      max_group=ns.max_group if ns.pack else None)
-    return dataclasses.replace(cfg, dry_run=True) if ns.dry_run else cfg
+    return SweepConfig(tasks=tasks, seeds=seeds, out=ns.out, train_args=_absolute_dataset(tuple(extra)),
+                       address=ns.address, num_cpus=ns.num_cpus, cpus_per_run=ns.cpus_per_run,
+                       gpus_per_run=ns.gpus_per_run, max_retries=ns.max_retries, refresh=ns.refresh,
+                       max_group=ns.max_group if ns.pack else None, dry_run=ns.dry_run)
 
 
 def _sweep_seeds(text: str) -> tuple[int, ...]:
@@ -253,6 +252,12 @@ def run_dir_for(out: Path, task: str) -> Path:
     return out / "+".join(t.replace("/", "_") for t in task.split(","))
 
 
+def _task_settings(train_args: tuple[str, ...], task: str):
+    """(train's config, the task's table with the command's overrides) of one task under the sweep's flags."""
+    tcfg = _train_config(train_args, task)
+    return tcfg, tcfg.hyper(runs.base_hyper(task, tcfg.dataset))
+
+
 def pack_key(task: str, train_args: tuple[str, ...]) -> tuple:
     """What tasks must agree in to share one step: their (state, action) widths, the settings a group shares
     (update.SHARED, after the command's overrides) and their evaluation episodes. A task whose widths are not
@@ -260,8 +265,7 @@ def pack_key(task: str, train_args: tuple[str, ...]) -> tuple:
     from .tasks import TASKS
     from .update import SHARED
 
-    tcfg = _train_config(train_args, task)
-    hyper = tcfg.hyper(runs.base_hyper(task, tcfg.dataset))
+    tcfg, hyper = _task_settings(train_args, task)
     widths = TASKS[task].widths if task in TASKS else None
     if widths is None:
         return ("alone", task)
@@ -292,8 +296,8 @@ def plan_runs(cfg: SweepConfig) -> list[RunSpec]:
               else pack_tasks(cfg.tasks, len(cfg.seeds), cfg.max_group, cfg.train_args))
     for group in groups:
         task = ",".join(group)
-        tcfg = _train_config(cfg.train_args, group[0])  # a packed run's tasks share their schedule (pack_key)
-        planned = tcfg.hyper(runs.base_hyper(group[0], tcfg.dataset)).run_steps
+        # a packed run's tasks share their schedule (pack_key)
+        planned = _task_settings(cfg.train_args, group[0])[1].run_steps
         specs.append(RunSpec(task, tuple(cfg.seeds), str(run_dir_for(out, task)), cfg.train_args, planned, threads,
                              stop))
     return specs

@@ -63,7 +63,11 @@ class Task:
     reward_shift: float = 0.0    # AntMaze: r - 1 (the IQL convention)
     eval_episodes: int = 10
     obs_keys: tuple[str, ...] = field(default=())  # dict observations flattened in this order
-    widths: tuple[int, int] | None = None  # (state, action) of its data and env, known before loading (WIDTHS)
+
+    @property
+    def widths(self) -> tuple[int, int] | None:
+        """(state, action) of its data and env, known before loading (WIDTHS); None outside the table."""
+        return WIDTHS.get(self.name.split("-")[0])
 
     def normalized_score(self, ret: float) -> float | None:
         if self.ref_min is None or self.ref_max is None:
@@ -153,7 +157,14 @@ for _name, _alpha, _gamma, _lr, _decay, _epochs, _batch, _expectile in _TABLE:
         # The -v2 AntMaze files use the -v0 settings, trained for 500 epochs (paper).
         _v2 = _name.replace("-v0", "-v2")
         TASKS[_v2] = _task_for(_v2, _h.replace(epochs=500))
-TASKS = {n: dataclasses.replace(t, widths=WIDTHS[n.split("-")[0]]) for n, t in TASKS.items()}
+
+
+def one_per_task(value: str | None, tasks: int) -> list[str | None]:
+    """A flag given for a --task list (train's --dataset, config.json's "source"): one value for every task,
+    or a comma list of one per task, in --task's order."""
+    if value is None or "," not in value:
+        return [value] * tasks
+    return value.split(",")
 
 
 class UnknownTaskError(ValueError):

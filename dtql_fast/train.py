@@ -32,7 +32,7 @@ from .ranges import ProfileWindow, parse_window, phase
 from .reporting import (MetricLog, eval_mean, eval_message, eval_rows, eval_summary, final_message, plot_curves,
                         progress_postfix, run_time, start_message, train_rows)
 from .seeds import SeedListError, check_seeds, folder_label, format_seeds, parse_seeds
-from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError
+from .tasks import OFFLINE_DEMO_HYPER, Hyper, UnknownTaskError, one_per_task
 from .transitions import AgentData, DatasetError
 from .update import FastDTQL, GroupMismatch, StepRunner
 
@@ -156,9 +156,7 @@ class TrainConfig:
 
     def datasets(self) -> list[str | None]:
         """--dataset for each of `tasks` (one path for all, or one per task)."""
-        if self.dataset is None or "," not in self.dataset:
-            return [self.dataset] * len(self.tasks)
-        return self.dataset.split(",")
+        return one_per_task(self.dataset, len(self.tasks))
 
     @property
     def task_of_agent(self) -> list[int]:
@@ -504,7 +502,7 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
     # The stream of batches and draws (the agents draw their initial weights under their own seeds).
     torch.manual_seed(cfg.agents[0])
     loaded, hyper = load_checked_data(cfg, device)
-    agent = build_agent(cfg, loaded.transitions, hyper, [cfg.hyper(t.task.hyper) for t in loaded.per_task], device)
+    agent = build_agent(cfg, loaded.transitions, hyper, loaded.hypers(cfg), device)
     start, kept_rows = load_agent_state(agent, latest, cfg, out, device)
     checkpoint.remove_partial(out)
     run = Run(cfg, out, device, loaded, hyper, agent, latest, start)  # writes config.json, prints the first line
@@ -596,7 +594,7 @@ def load_checked_data(cfg: TrainConfig, device: torch.device) -> tuple[RunData, 
         check_env_widths(one, need_env=not cfg.no_eval)
         if cfg.no_eval is False and one.env_problem:
             raise SystemExit(f"error: evaluation for {name} cannot run: {one.env_problem} (or pass --no-eval)")
-    return loaded, cfg.hyper(loaded.per_task[0].task.hyper)
+    return loaded, loaded.hypers(cfg)[0]
 
 
 def kernels_of(cfg: TrainConfig, device: torch.device) -> str:
@@ -886,6 +884,10 @@ class RunData:
     def agent(self, i: int):
         """Agent i's task's LoadedData."""
         return self.per_task[self.of_agent[i]]
+
+    def hypers(self, cfg: TrainConfig) -> list[Hyper]:
+        """Each task's table with the command's overrides (TrainConfig.agent_hypers' bases)."""
+        return [cfg.hyper(one.task.hyper) for one in self.per_task]
 
     @property
     def source(self) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from dtql_fast.ranges import PHASES, ProfileWindow, parse_window, phase
+from dtql_fast.reporting import cpu_model
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
 
@@ -58,15 +59,7 @@ __all__ = ["main", "compare", "resolve_task", "SHAPES", "VARIANTS"]
 # -- machine, output ----------------------------------------------------------------------------
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import triton
         triton_version = triton.__version__

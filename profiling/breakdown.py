@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, resolve_task, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
+from dtql_fast.reporting import cpu_model
 from dtql_fast.tasks import TASKS
 
 CATEGORIES = ("matmul", "optimizer", "elementwise", "wrapper", "guards", "other")
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     task = resolve_task(a.task)
     rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden) for t in a.threads.split(",")]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    cpu = cpu_model()
     print(f"# compiled step of {task} (batch {rows[0]['batch_size']}, hidden {rows[0]['hidden']}) on {cpu}; "
           f"ms per step, median of {a.steps} unprofiled steps, then the profiler's split of {a.steps} more")
     print("| threads | step ms | profiled ms | " + " | ".join(CATEGORIES) + " | matmul GFLOP/step | GEMM ceiling "

@@ -92,15 +92,20 @@ def seeds_command(device: str, quick: bool, json_path: Path) -> list[str]:
                "--seeds-block", "5", "--json", str(json_path))
 
 
-def write_d4rl(path: Path, state_dim: int, action_dim: int, rows: int, seed: int = 0) -> Path:
-    """A D4RL-format HDF5 file of random transitions (episodes of 100 steps ending in a timeout)."""
+def write_d4rl(path: Path, state_dim: int, action_dim: int, rows: int, seed: int = 0,
+               nan_at: int | None = None) -> Path:
+    """A D4RL-format HDF5 file of random transitions (episodes of 100 steps ending in a timeout); with
+    `nan_at`, that row's first state feature is NaN (bad data, for the tests)."""
     import h5py
     import numpy as np
 
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
+    obs = rng.standard_normal((rows, state_dim)).astype(np.float32)
+    if nan_at is not None:
+        obs[nan_at, 0] = np.nan
     with h5py.File(path, "w") as f:
-        f["observations"] = rng.standard_normal((rows, state_dim)).astype(np.float32)
+        f["observations"] = obs
         f["actions"] = rng.uniform(-1, 1, (rows, action_dim)).astype(np.float32)
         f["rewards"] = rng.standard_normal(rows).astype(np.float32)
         f["terminals"] = np.zeros(rows, bool)

@@ -31,6 +31,7 @@ import torch
 
 from dtql_fast.profiling.variants import SHAPES, make_draws, resolve_task, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
+from dtql_fast.reporting import cpu_model
 from dtql_fast.tasks import TASKS
 from dtql_fast.update import FastDTQL
 
@@ -75,9 +76,10 @@ def compile_cold(task: str, threads: int, opts: dict) -> dict:
 
 
 def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5, sides: dict | None = None) -> dict:
-    sides_opts = sides or WRAPPERS
+    """`sides`: name -> inductor options of each side (default WRAPPERS)."""
+    sides = sides or WRAPPERS
     out = {}
-    for side, opts in sides_opts.items():
+    for side, opts in sides.items():
         with tempfile.TemporaryDirectory(prefix="dtql-wrapper-ab-") as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             cmd = [sys.executable, "-m", "dtql_fast.profiling.wrapper_ab", "--task", task, "--threads", str(threads),
@@ -85,26 +87,26 @@ def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5, s
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[side] = {**json.loads(res.stdout.strip().splitlines()[-1]), "step_ms": []}
     data, draws, agent_and_step = _setup(task, threads, warmup + blocks * block)
-    sides, agents = {}, {}
-    for name, opts in sides_opts.items():
+    steps, agents = {}, {}
+    for name, opts in sides.items():
         agents[name], step = agent_and_step(opts)
         for d in draws[:warmup]:
             step(data, d.as_group())
-        sides[name] = step
+        steps[name] = step
     for b in range(blocks):
-        order = list(sides) if b % 2 == 0 else list(reversed(sides))
+        order = list(steps) if b % 2 == 0 else list(reversed(steps))
         for name in order:
             for d in draws[warmup + b * block:warmup + (b + 1) * block]:
                 t0 = time.perf_counter()
-                sides[name](data, d.as_group())
+                steps[name](data, d.as_group())
                 out[name]["step_ms"].append((time.perf_counter() - t0) * 1e3)
     for name in sides:
         out[name]["step_ms_median"] = statistics.median(out[name]["step_ms"])
-    a, b = (agents[n].state_dict() for n in sides_opts)
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point())
-    first, second = list(sides_opts)
+    pa, pb = (agents[n].params() for n in sides)  # every network's packed weights, the target critic's too
+    diff = max((pa[net][k] - pb[net][k]).abs().max().item() for net in pa for k in pa[net])
+    first, second = list(sides)
     return {"task": task, "threads": threads, "blocks": blocks, "block": block,
-            "options": sides_opts, "sides": out, "max_weight_difference": diff,
+            "options": sides, "sides": out, "max_weight_difference": diff,
             "second_over_first_step": out[second]["step_ms_median"] / out[first]["step_ms_median"]}
 
 
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         return 0
     sides = {"default": {}, "candidate": a.candidate} if a.candidate is not None else WRAPPERS
     r = measure(resolve_task(a.task), a.threads, a.blocks, a.block, sides=sides)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    cpu = cpu_model()
     print(f"# {r['task']} compiled step on {cpu}, {a.threads} thread(s); compile seconds cold, step ms median")
     print("| side | first call s | tracing | AOT + inductor | of which codegen | of which C++ build | step ms |")
     print("|---|---|---|---|---|---|---|")

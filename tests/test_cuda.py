@@ -5,15 +5,13 @@ too run there as well (the "cpu" parameter), so their logic is checked in every 
 import pytest
 import torch
 
-from dtql_fast import checkpoint
 from dtql_fast.draws import sample_draws
 from dtql_fast.profiling import gpu_check, seeds_bench
 from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
-from dtql_fast.train import parse_args, train
 from dtql_fast.update import CUDAGraphStep
-from test_train import _stop_at
+from test_train import straight_and_resumed
 from tree import tensors
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -77,15 +75,7 @@ def test_checkpoint_resumed_on_the_device_continues_the_run(device, tmp_path, mo
             "--pretrain-epochs", "1", "--epochs", "2", "--steps-per-epoch", "12", "--batch-size", "64",
             "--log-every", "4", "--seed", "3", "--threads", "1",
             "--compile" if device == "cuda" else "--no-compile"]
-    train(parse_args([*args, "--out", str(tmp_path / "straight")]))
-    with monkeypatch.context() as m:
-        _stop_at(m, 17)
-        with pytest.raises(SystemExit) as e:
-            train(parse_args([*args, "--out", str(tmp_path / "split")]))
-        assert e.value.code == 130
-    assert checkpoint.load(tmp_path / "split")["step"] == 17
-    train(parse_args(["--resume", str(tmp_path / "split")]))
-    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
+    a, b = straight_and_resumed(args, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 36
     ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert ta.keys() == tb.keys() and len(ta) > 50

@@ -12,14 +12,14 @@ import json
 import pytest
 import torch
 
-from dtql_fast import checkpoint, train as train_mod
+from dtql_fast import train as train_mod
 from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import AgentData, DatasetError, Transitions
-from dtql_fast.train import parse_args, train
+from dtql_fast.train import parse_args
 from dtql_fast.update import METRICS, FastDTQL, GroupMismatch, StepRunner
 from exact_reference import RoundOff
-from test_train import TINY, _stop_at
+from test_train import TINY, straight_and_resumed
 from tree import tensors
 
 LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "loss_policy")
@@ -163,7 +163,8 @@ def test_grid_cli_trains_every_setting_and_seed_in_one_step(tmp_path, monkeypatc
     and --resume end on the straight run's state bit for bit; a resume with another grid is refused."""
     args = [*TINY, "--eval-episodes", "1", "--no-compile", "--threads", "1", "--lr", "1e-4,3e-4", "--alpha", "1,5",
             "--seeds", "0-1"]
-    summary = train(parse_args([*args, "--out", str(tmp_path / "straight")]))
+    a, b = straight_and_resumed(args, tmp_path, monkeypatch)  # a Ctrl-C in step 17 and --resume beside
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
     out = capsys.readouterr().out
     order = ["alpha=1,lr=0.0001", "alpha=1,lr=0.0003", "alpha=5,lr=0.0001", "alpha=5,lr=0.0003"]  # --help's order
     assert f"seeds 0-1 x settings {'; '.join(order)} (8 agents, one step)" in out
@@ -180,12 +181,6 @@ def test_grid_cli_trains_every_setting_and_seed_in_one_step(tmp_path, monkeypatc
         assert c["score_mean"] == pytest.approx(sum(scores) / 2)
         assert c["score_sem"] == pytest.approx(abs(scores[0] - scores[1]) / 2)  # std / sqrt(2) of two values
     assert "final: dtql_fast/reacher/scripted-v0 | alpha=5,lr=0.0003 | 2 seeds (0-1)" in out
-    with monkeypatch.context() as m:
-        _stop_at(m, 17)
-        with pytest.raises(SystemExit):
-            train(parse_args([*args, "--out", str(tmp_path / "split")]))
-    train(parse_args(["--resume", str(tmp_path / "split")]))
-    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
     ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert a["agent"]["seeds"] == [0, 1] * 4

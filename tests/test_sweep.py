@@ -16,8 +16,8 @@ import ray
 import torch
 
 from dtql_fast import checkpoint, runs, sweep
+from dtql_fast.profiling.gpu_check import write_d4rl
 from dtql_fast.sweep import SweepConfig, SweepError, parse_args, run_sweep
-from d4rl_files import write_d4rl
 from tree import tensors
 
 # 1 pretraining epoch + 3 epochs of 10 steps, evaluated (1 episode) and checkpointed after every epoch.
@@ -30,9 +30,9 @@ GOOD, BAD = ("hopper-medium-v2", "walker2d-medium-v2"), "halfcheetah-medium-v2"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("d4rl")
-    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3)
-    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6)
-    write_d4rl(d / "halfcheetah_medium-v2.hdf5", 17, 6, nan_at=7)   # bad data
+    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3, rows=400)
+    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6, rows=400)
+    write_d4rl(d / "halfcheetah_medium-v2.hdf5", 17, 6, rows=400, nan_at=7)   # bad data
     return d
 
 
@@ -362,9 +362,9 @@ def test_dry_run_packs_table_1_into_eleven_processes(capsys):
 @pytest.fixture(scope="module")
 def pack_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("d4rl-pack")
-    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6)
-    write_d4rl(d / "walker2d_medium_replay-v2.hdf5", 17, 6, n=300, seed=1)
-    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3)
+    write_d4rl(d / "walker2d_medium-v2.hdf5", 17, 6, rows=400)
+    write_d4rl(d / "walker2d_medium_replay-v2.hdf5", 17, 6, rows=300, seed=1)
+    write_d4rl(d / "hopper_medium-v2.hdf5", 11, 3, rows=400)
     return d
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from d4rl_files import write_d4rl
-from dtql_fast import checkpoint, report
+from dtql_fast import report
 from dtql_fast import evaluate as evaluate_mod
 from dtql_fast import train as train_mod
+from dtql_fast.profiling.gpu_check import write_d4rl
 from dtql_fast.tasks import TASKS, get_task
 from dtql_fast.train import ConfigError, parse_args, train
-from test_train import _stop_at
+from test_train import straight_and_resumed
 from tree import tensors
 
 TINY = ["--epochs", "2", "--steps-per-epoch", "12", "--pretrain-epochs", "1", "--eval-every", "2",
@@ -25,10 +25,10 @@ WALKER, CHEETAH = "walker2d-medium-v2", "halfcheetah-medium-v2"   # both 17 / 6,
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("d4rl")
-    write_d4rl(d / "walker.hdf5", 17, 6, 400, seed=0)
-    write_d4rl(d / "cheetah.hdf5", 17, 6, 300, seed=1)   # another size: each agent draws from its own rows
-    write_d4rl(d / "hopper.hdf5", 11, 3, 300, seed=2)
-    write_d4rl(d / "walker-replay.hdf5", 17, 6, 300, seed=3)
+    write_d4rl(d / "walker.hdf5", 17, 6, rows=400, seed=0)
+    write_d4rl(d / "cheetah.hdf5", 17, 6, rows=300, seed=1)   # another size: each agent draws from its own rows
+    write_d4rl(d / "hopper.hdf5", 11, 3, rows=300, seed=2)
+    write_d4rl(d / "walker-replay.hdf5", 17, 6, rows=300, seed=3)
     return d
 
 
@@ -99,13 +99,7 @@ def test_a_task_list_resumes_bit_for_bit(files, tmp_path, monkeypatch):
     one environment under one table entry: the same seed and settings on two datasets are two agents."""
     args = [*TINY, "--task", f"{WALKER},walker2d-medium-replay-v2", "--dataset",
             f"{files / 'walker.hdf5'},{files / 'walker-replay.hdf5'}", "--seeds", "0-1"]
-    train(parse_args([*args, "--out", str(tmp_path / "straight")]))
-    with monkeypatch.context() as m:
-        _stop_at(m, 17)
-        with pytest.raises(SystemExit):
-            train(parse_args([*args, "--out", str(tmp_path / "split")]))
-    train(parse_args(["--resume", str(tmp_path / "split")]))
-    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
+    a, b = straight_and_resumed(args, tmp_path, monkeypatch)
     ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert a["step"] == b["step"] == 36 and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert a["agent"]["seeds"] == [0, 1, 0, 1] and a["task"] == [WALKER, "walker2d-medium-replay-v2"]

@@ -79,6 +79,20 @@ def _stop_at(monkeypatch, n):
     monkeypatch.setattr(train_mod.StepRunner, "__call__", call)
 
 
+def straight_and_resumed(args: list[str], tmp_path, monkeypatch, at: int = 17) -> tuple[dict, dict]:
+    """The run `args` straight to its end (tmp_path/straight), and again (tmp_path/split) with Ctrl-C in step `at`
+    (exit 130, a checkpoint of that step) and then --resume to its end; returns both final checkpoints."""
+    train(parse_args([*args, "--out", str(tmp_path / "straight")]))
+    with monkeypatch.context() as m:
+        _stop_at(m, at)
+        with pytest.raises(SystemExit) as e:
+            train(parse_args([*args, "--out", str(tmp_path / "split")]))
+        assert e.value.code == 130
+    assert checkpoint.load(tmp_path / "split")["step"] == at
+    train(parse_args(["--resume", str(tmp_path / "split")]))
+    return checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
+
+
 def test_interrupt_and_resume_equals_straight_run(tmp_path, monkeypatch, capsys):
     _run(tmp_path, "--lr-decay", "--seed", "3", name="straight")
     with monkeypatch.context() as m:

@@ -20,7 +20,7 @@ from dtql_fast.tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER
 from dtql_fast.train import TrainConfig, parse_args, train
 from dtql_fast.update import METRICS, FastDTQL
 from test_evaluate import _toy
-from test_train import TINY, _stop_at
+from test_train import TINY, straight_and_resumed
 from tree import tensors
 
 TASK = "dtql_fast/reacher/scripted-v0"
@@ -135,16 +135,8 @@ def test_group_interrupt_and_resume_equals_straight_run(tmp_path, monkeypatch, c
     """Ctrl-C mid-epoch, then --resume: the whole group ends on the straight run's weights, Adam states and
     RNG state bit for bit, with the same rows."""
     args = [*TINY, "--eval-episodes", "1", "--lr-decay", "--seeds", "2,5"]
-    train(parse_args([*args, "--out", str(tmp_path / "straight")]))
-    with monkeypatch.context() as m:
-        _stop_at(m, 17)
-        with pytest.raises(SystemExit) as e:
-            train(parse_args([*args, "--out", str(tmp_path / "split")]))
-        assert e.value.code == 130
-    assert checkpoint.load(tmp_path / "split")["step"] == 17
+    a, b = straight_and_resumed(args, tmp_path, monkeypatch)
     assert "Resume with: python -m dtql_fast.train --resume" in capsys.readouterr().out
-    train(parse_args(["--resume", str(tmp_path / "split")]))
-    a, b = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "split")
     assert a["step"] == b["step"] == 36 and a["agent"]["seeds"] == b["agent"]["seeds"] == [2, 5]
     ta, tb = dict(tensors(a["agent"])), dict(tensors(b["agent"]))
     assert ta.keys() == tb.keys() and len(ta) > 100

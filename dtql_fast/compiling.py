@@ -8,6 +8,13 @@ read (loading one built for AVX-512 under an AVX2 ATen gave NaN losses here), an
 corrupt entry is recompiled by torch with a warning, never a failure. $TORCHINDUCTOR_CACHE_DIR,
 when set, wins.
 
+On a CPU the compiled step is built with inductor's C++ wrapper (`cpp_wrapper`): its ~70 kernels are
+one translation unit and one gcc run rather than one each, so a cold compile takes a third less (43.7 s
+against 65.5 s for the walker step, one core; profiling.wrapper_ab), the step runs the same kernels at
+the same speed. TORCHINDUCTOR_CPP_WRAPPER=0 keeps the Python wrapper. Under the C++ wrapper torch 2.13
+imports a corrupt cached module file instead of writing it again; that compile falls back to the Python
+wrapper and removes the file (python_wrapper_again), so a corrupt cache still costs only time.
+
 The default (neither --compile nor --no-compile): on CUDA, compiled with a CUDA graph. On a CPU
 the run starts eager, times MEASURE_STEPS eager steps, and compiles for the rest only where the
 time saved pays for the compile: remaining steps x eager step x (1 - COMPILED_OVER_EAGER) against
@@ -17,16 +24,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 # Measured (python -m dtql_fast.profiling.bench --task walker2d-medium-v2 --device cpu
-# --variants reference,eager,compile --threads 1, AMD EPYC): compiled 30.9 ms, eager 39.4 ms a step;
-# compiling 45-66 s a graph cold, 6-8 s warm (python -m dtql_fast.train --compile, Reacher shapes).
+# --variants reference,eager,compile --threads 1, AMD EPYC): compiled 30.9 ms, eager 39.4 ms a step.
+# Compiling under the C++ wrapper, one core: 27-30 s a graph cold and 6-7 s warm at Reacher's shapes
+# (python -m dtql_fast.train --compile), 43.7 s cold at walker2d's (profiling.wrapper_ab).
 COMPILED_OVER_EAGER = 0.8
-COLD_S_PER_GRAPH = 60.0
+COLD_S_PER_GRAPH = 45.0
 WARM_S_PER_GRAPH = 10.0
 MEASURE_STEPS = 10     # eager steps timed before deciding (after SKIP_STEPS warm-up steps)
 SKIP_STEPS = 3
@@ -56,6 +66,34 @@ def cache_hits() -> int:
     """Compiled graphs loaded from the cache so far in this process."""
     from torch._dynamo.utils import counters
     return counters["inductor"]["fxgraph_cache_hit"]
+
+
+def inductor_options(device: torch.device) -> dict:
+    """torch.compile options for a training step on `device`: the C++ wrapper on a CPU (see above)."""
+    if torch.device(device).type != "cpu":
+        return {}
+    return {"cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER", "1") != "0"}
+
+
+def python_wrapper_again(fn, error: Exception):
+    """`fn` compiled with the Python wrapper, after its C++-wrapper compile failed with `error`. The cache
+    files the error names (a module file torch could not import) are removed, so the next run's C++-wrapper
+    compile writes them afresh."""
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()).resolve()
+    removed = []
+    for name in re.findall(r"(/\S+\.py)\b", str(error)):
+        path = Path(name).resolve()
+        if cache in path.parents and path.is_file():
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"warning: compiling the step with inductor's C++ wrapper failed ({first[:300]}); compiling it with "
+          f"the Python wrapper instead" + (f"; removed the unreadable cache file(s) {', '.join(map(str, removed))}"
+                                           if removed else ""), file=sys.stderr, flush=True)
+    return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": False})
 
 
 def _read_record(folder: Path) -> dict:

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 from torch.func import grad
 
-from . import edm, fastnets
+from . import compiling, edm, fastnets
 from .draws import Draws, sample_draws
 from .nets import Critic, DiffusionNet, GaussianPolicy
 from .ranges import phase
@@ -509,10 +509,12 @@ class StepRunner:
             return step(data, draws)
 
         self.compile_seconds = 0.0
+        self._step_fn = fn
         if mode == "eager":
             self._fn = fn
         elif mode in ("compile", "cudagraph"):
-            self._fn = compiled = torch.compile(fn, fullgraph=True)  # compiles on the first call
+            self.options = compiling.inductor_options(agent.device)
+            self._fn = compiled = torch.compile(fn, fullgraph=True, options=self.options)  # compiles on the first call
         else:
             raise ValueError(f"mode must be eager, compile or cudagraph, got {mode!r}")
         if mode == "cudagraph":
@@ -528,7 +530,15 @@ class StepRunner:
     def _call(self) -> torch.Tensor:
         if self._calls == 0 and self.mode != "eager":
             t0 = time.perf_counter()
-            out = self._fn()
+            try:
+                out = self._fn()
+            except Exception as e:
+                from torch._inductor.exc import InductorError  # loaded by now; costs a second at import
+                if not (isinstance(e, InductorError) and self.options.get("cpp_wrapper")):
+                    raise
+                self._fn = compiling.python_wrapper_again(self._step_fn, e)
+                self.options = {**self.options, "cpp_wrapper": False}
+                out = self._fn()
             if self.agent.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - t0

@@ -9,7 +9,8 @@ torch.profiler (inductor's cpp.enable_kernel_profile). After warm-up, `--steps` 
 the profiler (the step time), then the same number run under it (the split). Categories, from the
 profiler's self times per step:
 - matmul: aten::mm / addmm / bmm / baddbmm (inductor calls them as extern kernels);
-- optimizer: the fused kernels of the Adam and target updates (inductor names them `..._foreach_...`);
+- optimizer: the fused kernels of the Adam and target updates (inductor names them `..._foreach_...`; it
+  may fuse other element-wise work of the step into them, which then counts here);
 - elementwise: every other fused C++ kernel;
 - wrapper: the compiled graph's Python wrapper calling the kernels one by one (`Call CompiledFxGraph`, self);
 - guards: dynamo's check of the step's inputs before each call (`TorchDynamo Cache Lookup`);

@@ -1,6 +1,7 @@
 """Our compiled step against FlowRL's JAX DTQL, side by side in one process, one CPU thread each.
 
     python -m dtql_fast.profiling.peer_flowrl --flowrl-src PATH [--task walker2d-medium-v2] [--json out.json]
+    python -m dtql_fast.profiling.peer_flowrl --flowrl-src PATH --isa avx2   # both sides held to AVX2
 
 PATH is a checkout of github.com/typoverflow/flow-rl that the user supplies; nothing of it is copied
 here. Its DTQL agent (`flowrl/agent/offline/dtql.py`) is imported as shipped, which needs its own
@@ -29,6 +30,13 @@ import time
 from pathlib import Path
 
 
+# What holds each library to an instruction set. ATen's choice also sets the vectors of inductor's
+# generated C++ (torch._inductor.cpu_vec_isa reads ATEN_CPU_CAPABILITY).
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                  "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ISA_XLA_FLAGS = {"native": "", "avx2": " --xla_cpu_max_isa=AVX2"}
+
+
 def _flowrl(src: Path):
     """FlowRL's DTQL module and the names the benchmark needs from it, imported from the user's checkout."""
     if not (src / "flowrl" / "agent" / "offline" / "dtql.py").exists():
@@ -51,14 +59,19 @@ def main(argv=None) -> int:
     p.add_argument("--task", default="walker2d-medium-v2", help="a task of the table (its shapes, batch, settings)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per block and side")
     p.add_argument("--blocks", type=int, default=5, help="alternating blocks")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), default="native",
+                   help="native: each side's widest vectors; avx2: both sides held to AVX2 (ATen, MKL, oneDNN, "
+                        "inductor's generated code and XLA), to compare as on an AVX2-only CPU")
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    xla = " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + xla + ISA_XLA_FLAGS[a.isa]).strip()
+    os.environ.update(ISA_ENV[a.isa])  # read by each library on its first use, below
     dtql, DTQLConfig, Batch = _flowrl(a.flowrl_src)
     import jax
     import jax.numpy as jnp
     import torch
+    import torch._inductor.cpu_vec_isa
     from torch.utils.flop_counter import FlopCounterMode
 
     from dtql_fast.profiling.bench import machine_info
@@ -67,6 +80,9 @@ def main(argv=None) -> int:
     from dtql_fast.update import FastDTQL, StepRunner
 
     torch.set_num_threads(1)
+    if a.isa != "native" and torch.backends.cpu.get_cpu_capability().lower() != a.isa:
+        raise SystemExit(f"error: --isa {a.isa}: torch runs {torch.backends.cpu.get_cpu_capability()}; "
+                         "start a fresh process (the instruction set is fixed on torch's first operation)")
     task = resolve_task(a.task)
     h = TASKS[task].hyper
     S, A = SHAPES[task.split("-")[0]]
@@ -146,8 +162,12 @@ def main(argv=None) -> int:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     ms = {k: statistics.median(v) for k, v in times.items()}
     machine = machine_info(torch.device("cpu"))
+    machine["isa"] = {"asked": a.isa, "aten": torch.backends.cpu.get_cpu_capability(),
+                      "inductor": type(torch._inductor.cpu_vec_isa.pick_vec_isa()).__name__,
+                      "env": ISA_ENV[a.isa], "xla_flags": os.environ["XLA_FLAGS"]}
     print(f"# {task}: state {S}, action {A}, batch {B}, hidden {h.hidden}; {machine['cpu']}, one thread each; "
-          f"{a.blocks} alternating blocks of {a.steps} steps a side")
+          f"{a.blocks} alternating blocks of {a.steps} steps a side; instruction set: {a.isa} "
+          f"(ATen {machine['isa']['aten']}, inductor {machine['isa']['inductor']})")
     print(f"# jax {jax.__version__}, torch {torch.__version__}; FlowRL from {a.flowrl_src}")
     print(f"{'step':<16} {'ms (median)':>12} {'ours faster by':>15} {'first call s':>13} {'GFLOP/step':>11}")
     firsts = {"ours": first["ours_s"], "flowrl_shipped": first["flowrl_shipped_s"],

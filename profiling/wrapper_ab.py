@@ -79,13 +79,17 @@ def measure(task: str, threads: int, blocks: int, block: int, warmup: int = 5, s
     """`sides`: name -> inductor options of each side (default WRAPPERS)."""
     sides = sides or WRAPPERS
     out = {}
-    for side, opts in sides.items():
+    for side, opts in reversed(sides.items()):  # the side under test first: if it cannot compile, say so at once
         with tempfile.TemporaryDirectory(prefix="dtql-wrapper-ab-") as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             cmd = [sys.executable, "-m", "dtql_fast.profiling.wrapper_ab", "--task", task, "--threads", str(threads),
                    "--cold", json.dumps(opts)]
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                tail = "\n".join(res.stderr.strip().splitlines()[-8:])
+                raise SystemExit(f"error: side {side!r} ({json.dumps(opts)}) failed to compile the step:\n{tail}")
             out[side] = {**json.loads(res.stdout.strip().splitlines()[-1]), "step_ms": []}
+    out = {side: out[side] for side in sides}
     data, draws, agent_and_step = _setup(task, threads, warmup + blocks * block)
     steps, agents = {}, {}
     for name, opts in sides.items():

@@ -1,5 +1,7 @@
 """When a run compiles (the default's rule) and the compile cache it keeps between runs."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +66,8 @@ def test_default_short_cpu_run_stays_eager(tmp_path, capsys):
 def test_default_compiles_where_it_pays_and_a_corrupt_cache_only_costs_time(tmp_path, monkeypatch, capsys):
     """The rule says compile (a free compile here): the run switches after its timed eager steps.
     Then every file of the cache it wrote is overwritten with garbage, and the same run again
-    recompiles and ends on the same numbers."""
+    recompiles and ends on the same numbers. (Under the C++ wrapper, torch imports the garbage module
+    file and fails: the step is compiled with the Python wrapper instead and the file removed.)"""
     monkeypatch.setattr(compiling, "COLD_S_PER_GRAPH", 0.0)
     monkeypatch.setattr(compiling, "WARM_S_PER_GRAPH", 0.0)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
@@ -81,6 +84,10 @@ def test_default_compiles_where_it_pays_and_a_corrupt_cache_only_costs_time(tmp_
     torch._dynamo.reset()
     second = train(parse_args([*TINY, "--out", str(tmp_path / "b")]))
     assert second["step_mode"] == "compile"
+    err = capsys.readouterr().err
+    assert "compiling the step with inductor's C++ wrapper failed" in err and "with the Python wrapper instead" in err
+    removed = re.search(r"removed the unreadable cache file\(s\) (\S+\.py)", err)
+    assert removed and not Path(removed.group(1)).exists()
     rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731
     strip = lambda r: {k: v for k, v in r.items() if k not in ("steps_per_s", "wall_s")}  # noqa: E731
     assert [strip(r) for r in rows("a")] == [strip(r) for r in rows("b")]

@@ -69,16 +69,17 @@ def cache_hits() -> int:
 
 
 def inductor_options(device: torch.device) -> dict:
-    """torch.compile options for a training step on `device`: the C++ wrapper on a CPU (see above)."""
+    """torch.compile options for a training step on `device`: on a CPU the C++ wrapper (see above); a
+    GPU's step keeps inductor's defaults."""
     if torch.device(device).type != "cpu":
         return {}
     return {"cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER", "1") != "0"}
 
 
 def python_wrapper_again(fn, error: Exception):
-    """`fn` compiled with the Python wrapper, after its C++-wrapper compile failed with `error`. The cache
-    files the error names (a module file torch could not import) are removed, so the next run's C++-wrapper
-    compile writes them afresh."""
+    """`fn` to compile again (call it under inductor_options with cpp_wrapper off), after its C++-wrapper
+    compile failed with `error`. The cache files the error names (a module file torch could not import) are
+    removed, so the next run's C++-wrapper compile writes them afresh."""
     cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()).resolve()
     removed = []
     for name in re.findall(r"(/\S+\.py)\b", str(error)):
@@ -93,7 +94,7 @@ def python_wrapper_again(fn, error: Exception):
     print(f"warning: compiling the step with inductor's C++ wrapper failed ({first[:300]}); compiling it with "
           f"the Python wrapper instead" + (f"; removed the unreadable cache file(s) {', '.join(map(str, removed))}"
                                            if removed else ""), file=sys.stderr, flush=True)
-    return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": False})
+    return torch.compile(fn, fullgraph=True)
 
 
 def _read_record(folder: Path) -> dict:

@@ -513,8 +513,10 @@ class StepRunner:
         if mode == "eager":
             self._fn = fn
         elif mode in ("compile", "cudagraph"):
+            # Compiles on the first call, under these inductor options (a config patch rather than options=,
+            # so that tools which swap torch.compile's backend, as profiling/launches.py does, still can).
             self.options = compiling.inductor_options(agent.device)
-            self._fn = compiled = torch.compile(fn, fullgraph=True, options=self.options)  # compiles on the first call
+            self._fn = compiled = torch.compile(fn, fullgraph=True)
         else:
             raise ValueError(f"mode must be eager, compile or cudagraph, got {mode!r}")
         if mode == "cudagraph":
@@ -531,14 +533,16 @@ class StepRunner:
         if self._calls == 0 and self.mode != "eager":
             t0 = time.perf_counter()
             try:
-                out = self._fn()
+                with torch._inductor.config.patch(self.options):
+                    out = self._fn()
             except Exception as e:
                 from torch._inductor.exc import InductorError  # loaded by now; costs a second at import
                 if not (isinstance(e, InductorError) and self.options.get("cpp_wrapper")):
                     raise
                 self._fn = compiling.python_wrapper_again(self._step_fn, e)
                 self.options = {**self.options, "cpp_wrapper": False}
-                out = self._fn()
+                with torch._inductor.config.patch(self.options):
+                    out = self._fn()
             if self.agent.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - t0

@@ -12,8 +12,12 @@ inductor's code generation, the C++ builds: torch._dynamo.utils.compilation_time
 this process times both sides' steps in alternating blocks and reports the largest difference
 between their weights after the last step (the same kernels, so zero is expected).
 
-Why training keeps the Python wrapper although the C++ one compiles faster: the README's
-"Where the compile time goes".
+Caution: two compiled agents in one process can differ by 5-10% for reasons other than their code (where
+their tensors landed, which compiled first); alternating blocks do not remove that. A difference of a few
+percent needs confirming in fresh processes (profiling/results/breakdown/inductor-options/realize-reads/).
+
+Training on a CPU compiles with the C++ wrapper since this measured its shorter compile
+(dtql_fast.compiling.inductor_options; the README's "Where the compile time goes").
 """
 from __future__ import annotations
 

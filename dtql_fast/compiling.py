@@ -76,6 +76,35 @@ def inductor_options(device: torch.device) -> dict:
     return {"cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER", "1") != "0"}
 
 
+class CompileOnFirstCall:
+    """torch.compile(fn, fullgraph=True), whose first call (the compile) runs under inductor_options(device):
+    a config patch rather than options=, so that tools which swap torch.compile's backend
+    (profiling/launches.py, the team's gpu_offline.py) still can. If the C++ wrapper's compile fails, fn is
+    compiled again with the Python wrapper (python_wrapper_again)."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.options = fn, inductor_options(device)
+        self.compiled = torch.compile(fn, fullgraph=True)
+        self.called = False
+
+    def __call__(self, *args, **kwargs):
+        if self.called:
+            return self.compiled(*args, **kwargs)
+        try:
+            with torch._inductor.config.patch(self.options):
+                out = self.compiled(*args, **kwargs)
+        except Exception as e:
+            from torch._inductor.exc import InductorError  # loaded by now; costs a second at import
+            if not (isinstance(e, InductorError) and self.options.get("cpp_wrapper")):
+                raise
+            self.compiled = python_wrapper_again(self.fn, e)
+            self.options = {**self.options, "cpp_wrapper": False}
+            with torch._inductor.config.patch(self.options):
+                out = self.compiled(*args, **kwargs)
+        self.called = True
+        return out
+
+
 def python_wrapper_again(fn, error: Exception):
     """`fn` to compile again (call it under inductor_options with cpp_wrapper off), after its C++-wrapper
     compile failed with `error`. The cache files the error names (a module file torch could not import) are

@@ -751,7 +751,7 @@ class Run:
                 f"H{hyper.hidden}|N{len(self.agent.seeds)}|{self.kernels}|{'pretrain' if pretrain else 'train'}")
 
     def acting(self):
-        return torch.compile(self.agent.act, fullgraph=True) if self.choice.compile else self.agent.act
+        return compiling.CompileOnFirstCall(self.agent.act, self.device) if self.choice.compile else self.agent.act
 
     def step(self, pretrain: bool) -> float:
         """One pretraining or training step; its wall seconds. A step's first compiled call compiles it:

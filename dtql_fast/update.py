@@ -509,14 +509,10 @@ class StepRunner:
             return step(data, draws)
 
         self.compile_seconds = 0.0
-        self._step_fn = fn
         if mode == "eager":
             self._fn = fn
         elif mode in ("compile", "cudagraph"):
-            # Compiles on the first call, under these inductor options (a config patch rather than options=,
-            # so that tools which swap torch.compile's backend, as profiling/launches.py does, still can).
-            self.options = compiling.inductor_options(agent.device)
-            self._fn = compiled = torch.compile(fn, fullgraph=True)
+            self._fn = compiled = compiling.CompileOnFirstCall(fn, agent.device)
         else:
             raise ValueError(f"mode must be eager, compile or cudagraph, got {mode!r}")
         if mode == "cudagraph":
@@ -532,17 +528,7 @@ class StepRunner:
     def _call(self) -> torch.Tensor:
         if self._calls == 0 and self.mode != "eager":
             t0 = time.perf_counter()
-            try:
-                with torch._inductor.config.patch(self.options):
-                    out = self._fn()
-            except Exception as e:
-                from torch._inductor.exc import InductorError  # loaded by now; costs a second at import
-                if not (isinstance(e, InductorError) and self.options.get("cpp_wrapper")):
-                    raise
-                self._fn = compiling.python_wrapper_again(self._step_fn, e)
-                self.options = {**self.options, "cpp_wrapper": False}
-                with torch._inductor.config.patch(self.options):
-                    out = self._fn()
+            out = self._fn()
             if self.agent.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ one translation unit and one gcc run rather than one each, so a cold compile tak
 against 65.5 s for the walker step, one core; profiling.wrapper_ab), the step runs the same kernels at
 the same speed. TORCHINDUCTOR_CPP_WRAPPER=0 keeps the Python wrapper. Under the C++ wrapper torch 2.13
 imports a corrupt cached module file instead of writing it again; that compile falls back to the Python
-wrapper and removes the file (python_wrapper_again), so a corrupt cache still costs only time.
+wrapper and removes the file (CompileOnFirstCall), so a corrupt cache still costs only time.
 
 The default (neither --compile nor --no-compile): on CUDA, compiled with a CUDA graph. On a CPU
 the run starts eager, times MEASURE_STEPS eager steps, and compiles for the rest only where the
@@ -79,8 +79,8 @@ def inductor_options(device: torch.device) -> dict:
 class CompileOnFirstCall:
     """torch.compile(fn, fullgraph=True), whose first call (the compile) runs under inductor_options(device):
     a config patch rather than options=, so that tools which swap torch.compile's backend
-    (profiling/launches.py, the team's gpu_offline.py) still can. If the C++ wrapper's compile fails, fn is
-    compiled again with the Python wrapper (python_wrapper_again)."""
+    (profiling/launches.py, the team's gpu_offline.py) still can. If the C++ wrapper's compile fails, the
+    cache files the error names are removed and fn is compiled again with the Python wrapper."""
 
     def __init__(self, fn, device: torch.device):
         self.fn, self.options = fn, inductor_options(device)
@@ -97,19 +97,25 @@ class CompileOnFirstCall:
             from torch._inductor.exc import InductorError  # loaded by now; costs a second at import
             if not (isinstance(e, InductorError) and self.options.get("cpp_wrapper")):
                 raise
-            self.compiled = python_wrapper_again(self.fn, e)
+            removed = _remove_unreadable(e)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: compiling the step with inductor's C++ wrapper failed ({first[:300]}); compiling it "
+                  f"with the Python wrapper instead" + (f"; removed the unreadable cache file(s) "
+                                                        f"{', '.join(map(str, removed))}" if removed else ""),
+                  file=sys.stderr, flush=True)
             self.options = {**self.options, "cpp_wrapper": False}
+            self.compiled = torch.compile(self.fn, fullgraph=True)
             with torch._inductor.config.patch(self.options):
                 out = self.compiled(*args, **kwargs)
         self.called = True
         return out
 
 
-def python_wrapper_again(fn, error: Exception):
-    """`fn` to compile again (call it under inductor_options with cpp_wrapper off), after its C++-wrapper
-    compile failed with `error`. The cache files the error names (a module file torch could not import) are
-    removed, so the next run's C++-wrapper compile writes them afresh."""
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()).resolve()
+def _remove_unreadable(error: Exception) -> list[Path]:
+    """Delete the files of inductor's cache that `error` names (a module file torch could not import, which
+    torch 2.13 never writes again while it exists), so the next run's C++-wrapper compile writes them afresh."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache  # honours $TORCHINDUCTOR_CACHE_DIR
+    cache = Path(inductor_cache()).resolve()
     removed = []
     for name in re.findall(r"(/\S+\.py)\b", str(error)):
         path = Path(name).resolve()
@@ -119,11 +125,7 @@ def python_wrapper_again(fn, error: Exception):
                 removed.append(path)
             except OSError:
                 pass
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"warning: compiling the step with inductor's C++ wrapper failed ({first[:300]}); compiling it with "
-          f"the Python wrapper instead" + (f"; removed the unreadable cache file(s) {', '.join(map(str, removed))}"
-                                           if removed else ""), file=sys.stderr, flush=True)
-    return torch.compile(fn, fullgraph=True)
+    return removed
 
 
 def _read_record(folder: Path) -> dict:

@@ -13,7 +13,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dtql_fast import compiling
 from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.ranges import ProfileWindow, phase
 from dtql_fast.reference import ReferenceDTQL
@@ -188,11 +187,9 @@ class Variant:
         if name == "eager":
             self._step = self.eager_step
             return
-        # CPU: training's inductor options, and C++ kernels that emit profiler events so launches can be
-        # counted (a RECORD_FUNCTION per kernel call; nothing is recorded while no profiler runs); the
-        # Python wrapper, under which the profiler also sees the matmuls as ATen calls.
-        opts = ({**compiling.inductor_options(device), "cpp_wrapper": False, "cpp.enable_kernel_profile": True}
-                if device.type == "cpu" else {})
+        # CPU: make inductor's C++ kernels emit profiler events so launches can be counted
+        # (a RECORD_FUNCTION per kernel call; nothing is recorded while no profiler runs).
+        opts = {"cpp.enable_kernel_profile": True} if device.type == "cpu" else {}
         compiled = torch.compile(agent.train_step, fullgraph=True, options=opts)
         if name.startswith("compile"):
             self._step = lambda d: compiled(data, d.as_group())

@@ -3,6 +3,7 @@ the compiled graph's Python wrapper, dynamo's guards, and the rest.
 
     python -m dtql_fast.profiling.breakdown --task walker2d-medium-v2 --threads 1 --json out.json
     python -m dtql_fast.profiling.breakdown --threads 1,2      # one table per thread count
+    python -m dtql_fast.profiling.breakdown --threads 1 --kernels 25   # and its 25 costliest kernels
 
 The step is the bench's "compile" variant (profiling.variants.Variant), its C++ kernels made visible to
 torch.profiler (inductor's cpp.enable_kernel_profile). After warm-up, `--steps` steps are timed without
@@ -61,6 +62,13 @@ def split(events, steps: int) -> dict[str, float]:
     return out
 
 
+def costliest(events, steps: int, n: int) -> list[dict]:
+    """The n profiler rows of most self time: where to look next, kernel by kernel."""
+    rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]
+    return [{"name": e.key, "category": category(e.key), "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_step": e.count / steps} for e in rows]
+
+
 def matmul_ceiling_gflops(n: int, reps: int = 50) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(5):
@@ -82,7 +90,7 @@ def matmul_flops(step) -> int:
 
 
 def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None = None,
-            hidden: int | None = None, rows: int = 100_000) -> dict:
+            hidden: int | None = None, rows: int = 100_000, kernels: int = 0) -> dict:
     torch.set_num_threads(threads)
     torch._dynamo.reset()
     hyper = TASKS[task].hyper
@@ -106,7 +114,8 @@ def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for d in draws[warmup + steps:warmup + 2 * steps]:
             v.step(d)
-    parts = split(prof.key_averages(), steps)
+    events = prof.key_averages()
+    parts = split(events, steps)
     flops = matmul_flops(lambda: v.eager_step(draws[-1]))  # the same matmuls; a dispatch mode cannot enter the compiled step
     ceiling = matmul_ceiling_gflops(hyper.hidden)
     step_ms = statistics.median(times)
@@ -116,7 +125,13 @@ def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None 
             "profiled_ms_per_step": sum(parts.values()), "split_ms": parts, "matmul_gflop_per_step": flops / 1e9,
             "matmul_ceiling_gflops": ceiling, "matmul_at_ceiling_ms": at_ceiling_ms,
             "step_over_matmul_at_ceiling": step_ms / at_ceiling_ms,
-            "matmul_gflops_in_step": flops / 1e9 / (parts["matmul"] / 1e3) if parts["matmul"] else None}
+            "matmul_gflops_in_step": flops / 1e9 / (parts["matmul"] / 1e3) if parts["matmul"] else None,
+            "costliest": costliest(events, steps, kernels)}
+
+
+def short(name: str, width: int = 100) -> str:
+    """A kernel's name cut to fit a table, its end (inductor's kernel number) kept: the JSON has it whole."""
+    return name if len(name) <= width else name[:width - 33] + "..." + name[-30:]
 
 
 def format_row(r: dict) -> str:
@@ -136,10 +151,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None, help="override the hidden width (256)")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also list the N profiler rows of most self time per step (kernels, matmuls, wrapper)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     task = resolve_task(a.task)
-    rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden) for t in a.threads.split(",")]
+    rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden, kernels=a.kernels)
+            for t in a.threads.split(",")]
     cpu = cpu_model()
     print(f"# compiled step of {task} (batch {rows[0]['batch_size']}, hidden {rows[0]['hidden']}) on {cpu}; "
           f"ms per step, median of {a.steps} unprofiled steps, then the profiler's split of {a.steps} more")
@@ -148,6 +166,12 @@ def main(argv=None) -> int:
     print("|" + "---|" * (len(CATEGORIES) + 7))
     for r in rows:
         print(format_row(r))
+    for r in rows:
+        if r["costliest"]:
+            print(f"\n# the {len(r['costliest'])} costliest rows at {r['threads']} thread(s), profiler self time per step")
+            print("| ms | calls | category | name |\n|---|---|---|---|")
+            for k in r["costliest"]:
+                print(f"| {k['ms_per_step']:.3f} | {k['calls_per_step']:g} | {k['category']} | {short(k['name'])} |")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"cpu": cpu, "command": " ".join([sys.executable, "-m",

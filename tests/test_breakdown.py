@@ -21,11 +21,25 @@ def test_categories(name, cat):
 def test_a_small_compiled_step_is_split(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert breakdown.main(["--threads", "1", "--steps", "3", "--warmup", "2", "--batch-size", "32", "--hidden", "32",
-                           "--json", str(out)]) == 0
+                           "--kernels", "5", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     parts = row["split_ms"]
     # every category the step has is seen: its matmuls, its Adam kernels, other kernels, the wrapper, the guards
     assert all(parts[c] > 0 for c in ("matmul", "optimizer", "elementwise", "wrapper", "guards")), parts
     assert row["profiled_ms_per_step"] == pytest.approx(sum(parts.values()))
     assert row["matmul_gflop_per_step"] > 0 and row["matmul_ceiling_gflops"] > 0
-    assert "| threads | step ms |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| threads | step ms |" in printed
+    # the costliest rows: five, most self time first, their categories those of the split, the matmuls among them
+    top = row["costliest"]
+    assert len(top) == 5 and [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
+    assert all(k["category"] == breakdown.category(k["name"]) and k["calls_per_step"] > 0 for k in top)
+    assert "matmul" in {k["category"] for k in top}
+    assert "costliest rows at 1 thread(s)" in printed
+
+
+def test_a_long_kernel_name_keeps_its_number():
+    name = "graph_0_cpp_fused__foreach_add__foreach_addcmul_" + "x" * 200 + "_sub_sum_view_where_34"
+    cut = breakdown.short(name)
+    assert len(cut) == 100 and cut.endswith("_where_34") and cut.startswith("graph_0_cpp_fused__foreach")
+    assert breakdown.short("aten::bmm") == "aten::bmm"

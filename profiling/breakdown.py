@@ -4,6 +4,7 @@ the compiled graph's Python wrapper, dynamo's guards, and the rest.
     python -m dtql_fast.profiling.breakdown --task walker2d-medium-v2 --threads 1 --json out.json
     python -m dtql_fast.profiling.breakdown --threads 1,2      # one table per thread count
     python -m dtql_fast.profiling.breakdown --threads 1 --kernels 25   # and its 25 costliest kernels
+    python -m dtql_fast.profiling.breakdown --threads 1 --matmuls      # and its matmuls by shape
 
 The step is the bench's "compile" variant (profiling.variants.Variant), its C++ kernels made visible to
 torch.profiler (inductor's cpp.enable_kernel_profile). After warm-up, `--steps` steps are timed without
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -69,6 +71,27 @@ def costliest(events, steps: int, n: int) -> list[dict]:
              "calls_per_step": e.count / steps} for e in rows]
 
 
+def matmul_operands(name: str, shapes: list) -> tuple[list, list]:
+    """The two matrices (or batches of them) of a matmul event: addmm and baddbmm take a bias first."""
+    return (shapes[1], shapes[2]) if name in ("aten::addmm", "aten::baddbmm") else (shapes[0], shapes[1])
+
+
+def matmuls_by_shape(events, steps: int) -> list[dict]:
+    """The step's matmuls grouped by operand shapes (from a profile that recorded shapes), most time first:
+    how far each shape runs from the GEMM ceiling."""
+    out = []
+    for e in events:
+        if e.key not in MATMUL_OPS:
+            continue
+        a, b = matmul_operands(e.key, e.input_shapes)
+        flop = 2 * math.prod(a) * b[-1]
+        us = e.self_cpu_time_total / e.count
+        out.append({"op": e.key, "shapes": [list(a), list(b)], "calls_per_step": e.count / steps,
+                    "us_per_call": us, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                    "gflops": flop / us / 1e3})
+    return sorted(out, key=lambda r: -r["ms_per_step"])
+
+
 def matmul_ceiling_gflops(n: int, reps: int = 50) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(5):
@@ -90,7 +113,7 @@ def matmul_flops(step) -> int:
 
 
 def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None = None,
-            hidden: int | None = None, rows: int = 100_000, kernels: int = 0) -> dict:
+            hidden: int | None = None, rows: int = 100_000, kernels: int = 0, matmuls: bool = False) -> dict:
     torch.set_num_threads(threads)
     torch._dynamo.reset()
     hyper = TASKS[task].hyper
@@ -98,7 +121,7 @@ def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None 
     S, A = SHAPES[task.split("-")[0]]
     device = torch.device("cpu")
     data = synthetic_transitions(S, A, rows, 0, device, hyper.max_action)
-    draws = make_draws(data.n, hyper, A, warmup + 2 * steps + 1, 1, device)
+    draws = make_draws(data.n, hyper, A, warmup + (3 if matmuls else 2) * steps + 1, 1, device)
     torch.manual_seed(0)
     v = Variant("compile", ReferenceDTQL(S, A, hyper, device), data, hyper, draws, device)
     t0 = time.perf_counter()
@@ -116,6 +139,12 @@ def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None 
             v.step(d)
     events = prof.key_averages()
     parts = split(events, steps)
+    by_shape = []
+    if matmuls:  # a pass of its own: recording shapes costs time the split should not carry
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for d in draws[warmup + 2 * steps:warmup + 3 * steps]:
+                v.step(d)
+        by_shape = matmuls_by_shape(prof.key_averages(group_by_input_shape=True), steps)
     flops = matmul_flops(lambda: v.eager_step(draws[-1]))  # the same matmuls; a dispatch mode cannot enter the compiled step
     ceiling = matmul_ceiling_gflops(hyper.hidden)
     step_ms = statistics.median(times)
@@ -126,7 +155,7 @@ def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None 
             "matmul_ceiling_gflops": ceiling, "matmul_at_ceiling_ms": at_ceiling_ms,
             "step_over_matmul_at_ceiling": step_ms / at_ceiling_ms,
             "matmul_gflops_in_step": flops / 1e9 / (parts["matmul"] / 1e3) if parts["matmul"] else None,
-            "costliest": costliest(events, steps, kernels)}
+            "costliest": costliest(events, steps, kernels), "matmuls_by_shape": by_shape}
 
 
 def short(name: str, width: int = 100) -> str:
@@ -153,10 +182,12 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=None, help="override the hidden width (256)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="also list the N profiler rows of most self time per step (kernels, matmuls, wrapper)")
+    p.add_argument("--matmuls", action="store_true",
+                   help="also time the matmuls by operand shape, with their GFLOP/s (a third pass of --steps)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     task = resolve_task(a.task)
-    rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden, kernels=a.kernels)
+    rows = [measure(task, int(t), a.steps, a.warmup, a.batch_size, a.hidden, kernels=a.kernels, matmuls=a.matmuls)
             for t in a.threads.split(",")]
     cpu = cpu_model()
     print(f"# compiled step of {task} (batch {rows[0]['batch_size']}, hidden {rows[0]['hidden']}) on {cpu}; "
@@ -172,6 +203,13 @@ def main(argv=None) -> int:
             print("| ms | calls | category | name |\n|---|---|---|---|")
             for k in r["costliest"]:
                 print(f"| {k['ms_per_step']:.3f} | {k['calls_per_step']:g} | {k['category']} | {short(k['name'])} |")
+        if r["matmuls_by_shape"]:
+            print(f"\n# the matmuls by shape at {r['threads']} thread(s), against a {r['matmul_ceiling_gflops']:.0f} "
+                  "GFLOP/s ceiling (profiled with shapes recorded)")
+            print("| ms/step | calls | us/call | GFLOP/s | op | operands |\n|---|---|---|---|---|---|")
+            for m in r["matmuls_by_shape"]:
+                print(f"| {m['ms_per_step']:.2f} | {m['calls_per_step']:g} | {m['us_per_call']:.1f} | {m['gflops']:.1f} | "
+                      f"{m['op']} | {' x '.join(str(tuple(x)) for x in m['shapes'])} |")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"cpu": cpu, "command": " ".join([sys.executable, "-m",

@@ -1,5 +1,6 @@
 """The CPU step's time split (profiling.breakdown): categories from real profiler events of a compiled step."""
 import json
+import math
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_categories(name, cat):
 def test_a_small_compiled_step_is_split(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert breakdown.main(["--threads", "1", "--steps", "3", "--warmup", "2", "--batch-size", "32", "--hidden", "32",
-                           "--kernels", "5", "--json", str(out)]) == 0
+                           "--kernels", "5", "--matmuls", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     parts = row["split_ms"]
     # every category the step has is seen: its matmuls, its Adam kernels, other kernels, the wrapper, the guards
@@ -36,6 +37,16 @@ def test_a_small_compiled_step_is_split(tmp_path, capsys):
     assert all(k["category"] == breakdown.category(k["name"]) and k["calls_per_step"] > 0 for k in top)
     assert "matmul" in {k["category"] for k in top}
     assert "costliest rows at 1 thread(s)" in printed
+    # by shape: every matmul of a step at hidden 32 and batch 32, its FLOPs counted from its operands
+    shapes = row["matmuls_by_shape"]
+    assert shapes and all(m["gflops"] > 0 and m["calls_per_step"] > 0 for m in shapes)
+    assert all(m["shapes"][0][-1] == m["shapes"][1][-2] for m in shapes)  # inner dimensions agree
+    # The FLOP counter counts the eager step's matmuls; inductor lowers those with a dimension of 1 (the value
+    # heads and their gradients, outer products) to fused kernels, which then are not matmuls in the profile.
+    flop = sum(2 * m["calls_per_step"] * math.prod(m["shapes"][0]) * m["shapes"][1][-1] for m in shapes)
+    assert all(1 not in (m["shapes"][0][-1], m["shapes"][1][-1]) for m in shapes)
+    assert 0.99 * row["matmul_gflop_per_step"] * 1e9 < flop <= row["matmul_gflop_per_step"] * 1e9
+    assert "matmuls by shape at 1 thread(s)" in printed
 
 
 def test_a_long_kernel_name_keeps_its_number():

@@ -56,18 +56,23 @@ def category(name: str) -> str | None:
     return "other"
 
 
+def ms_per_step(e, steps: int) -> float:
+    """A key_averages() row's self CPU time, in ms per step."""
+    return e.self_cpu_time_total / 1e3 / steps
+
+
 def split(events, steps: int) -> dict[str, float]:
     """ms per step by category, from key_averages() rows (their self CPU time)."""
     out = dict.fromkeys(CATEGORIES, 0.0)
     for e in events:
-        out[category(e.key)] += e.self_cpu_time_total / 1e3 / steps
+        out[category(e.key)] += ms_per_step(e, steps)
     return out
 
 
 def costliest(events, steps: int, n: int) -> list[dict]:
     """The n profiler rows of most self time: where to look next, kernel by kernel."""
     rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]
-    return [{"name": e.key, "category": category(e.key), "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+    return [{"name": e.key, "category": category(e.key), "ms_per_step": ms_per_step(e, steps),
              "calls_per_step": e.count / steps} for e in rows]
 
 
@@ -87,7 +92,7 @@ def matmuls_by_shape(events, steps: int) -> list[dict]:
         flop = 2 * math.prod(a) * b[-1]
         us = e.self_cpu_time_total / e.count
         out.append({"op": e.key, "shapes": [list(a), list(b)], "calls_per_step": e.count / steps,
-                    "us_per_call": us, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                    "us_per_call": us, "ms_per_step": ms_per_step(e, steps),
                     "gflops": flop / us / 1e3})
     return sorted(out, key=lambda r: -r["ms_per_step"])
 
@@ -109,7 +114,8 @@ def matmul_flops(step) -> int:
     with FlopCounterMode(display=False) as fc:
         step()
     counts = fc.get_flop_counts().get("Global", {})
-    return int(sum(v for k, v in counts.items() if str(k).split(".")[-1] in ("mm", "addmm", "bmm", "baddbmm")))
+    names = {op.split("::")[1] for op in MATMUL_OPS}  # the counter names ops aten.mm, the profiler aten::mm
+    return int(sum(v for k, v in counts.items() if str(k).split(".")[-1] in names))
 
 
 def measure(task: str, threads: int, steps: int, warmup: int, batch: int | None = None,

@@ -28,16 +28,21 @@ setup(
     ],
     extras_require={
         # The tests run sweeps on a local Ray (no dashboard needed); `sweep` adds Ray's dashboard.
-        "test": ["pytest", "ray==2.60.0", "tensorboard", "wandb"],
+        "test": ["pytest", "ray==2.60.0", "tensorboard", "wandb", "scipy", "hypothesis"],
         "tensorboard": ["tensorboard"],
         "track": ["wandb"],
         "sweep": ["ray[default]==2.60.0"],
         "robotics": ["gymnasium-robotics>=1.2"],
         "hf": ["minari[hf]"],
-        # profiling.learning runs the authors' release from a checkout you supply; einops is its dependency.
-        "release": ["einops"],
-        # profiling.peer_flowrl imports FlowRL's JAX DTQL from a checkout you supply: the versions it pins.
-        "peer": ["jax[cpu]==0.5.3", "flax==0.10.5", "distrax", "optax", "orbax-checkpoint==0.11.23", "omegaconf",
-                 "hydra-core"],
+        # profiling.learning runs the authors' release from a checkout you supply (einops is its dependency);
+        # its report's Welch tests use scipy.
+        "release": ["einops", "scipy"],
+        # profiling.peer_flowrl imports FlowRL's JAX DTQL from a checkout you supply. The peer at its best: the newest
+        # JAX its code runs on (what `pip install "jax[cpu]" flax distrax optax orbax-checkpoint hydra-core omegaconf`
+        # resolved to on 2026-12-06), not the jax 0.5.3 it pins, under which its update ran about twice as slow.
+        "peer": ["jax[cpu]==0.10.2", "flax==0.12.8", "distrax==0.1.9", "optax==0.2.8", "orbax-checkpoint==0.12.8",
+                 "omegaconf==2.3.1", "hydra-core==1.3.8"],
+        # The docs site (mkdocs.yml, docs/): CI builds it with `mkdocs build --strict`.
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2"],
     },
 )

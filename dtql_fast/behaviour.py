@@ -100,9 +100,13 @@ def _returns(env_id: str, actor: Actor, episodes: int, seed: int, sample: bool) 
 
 
 def train_sac(env_id: str, steps: int, out: Path, seed: int = 0, target_score: float = 45.0,
-              eval_every: int = 5000, start_steps: int = 5000, batch: int = 256, eval_episodes: int = 10) -> dict:
+              eval_every: int = 5000, start_steps: int = 5000, batch: int = 256, eval_episodes: int = 10,
+              stop_within: float | None = None, snapshots: Path | None = None) -> dict:
     """SAC on `env_id`; every eval_every steps the actor is evaluated (10 episodes, sampled actions)
-    and the one whose normalised score lies closest to target_score is kept at `out`."""
+    and the one whose normalised score lies closest to target_score is kept at `out`. With
+    `stop_within`, training stops at the first evaluation within that many points of the target
+    (SAC's later steps only climb past a "medium" level, and walker's take an hour). With `snapshots`, every
+    evaluated actor is also saved there (step<N>.pt), to roll out another one without training again."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     task = _d4rl_task_for(env_id)
@@ -159,10 +163,16 @@ def train_sac(env_id: str, steps: int, out: Path, seed: int = 0, target_score: f
                             "wall_s": time.perf_counter() - t0})
             print(f"step {t + 1}: return {ret.mean():.1f} (score {score:.1f}), {time.perf_counter() - t0:.0f}s",
                   flush=True)
+            if snapshots is not None:
+                _save(snapshots / f"step{t + 1}.pt", actor, env_id, {"sac_step": t + 1, "eval_return": float(ret.mean()),
+                                                                   "eval_score": score, "seed": seed})
             if score is not None and (best is None or abs(score - target_score) < abs(best["score"] - target_score)):
                 best = history[-1]
                 _save(out, actor, env_id, {"sac_step": t + 1, "eval_return": best["return"],
                                            "eval_score": score, "seed": seed, "target_score": target_score})
+            if stop_within is not None and score is not None and abs(score - target_score) <= stop_within:
+                print(f"step {t + 1}: within {stop_within} of the target {target_score}, stopping", flush=True)
+                break
     return {"kept": best, "history": history}
 
 
@@ -253,7 +263,9 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-score", type=float, default=45.0, help="D4RL-normalised score to keep the actor nearest to")
     t.add_argument("--eval-every", type=int, default=5000)
+    t.add_argument("--stop-within", type=float, help="stop at the first evaluation within this many points of the target")
     t.add_argument("--out", type=Path, default=DEFAULT_POLICY)
+    t.add_argument("--snapshots", type=Path, help="also save every evaluated actor in this folder (stepN.pt)")
     r = sub.add_parser("rollout", help="roll a behaviour policy out into a D4RL-format HDF5 file")
     r.add_argument("--out", type=Path, required=True, help="the HDF5 file to write (a .json summary goes beside it)")
     r.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
@@ -262,7 +274,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "train":
-        res = train_sac(a.env, a.steps, a.out, a.seed, a.target_score, a.eval_every)
+        res = train_sac(a.env, a.steps, a.out, a.seed, a.target_score, a.eval_every, stop_within=a.stop_within, snapshots=a.snapshots)
         print(json.dumps(res["kept"]))
     else:
         if a.transitions < 1:

@@ -96,12 +96,15 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
     if path.is_dir():
         path = path / FILENAME
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; --resume takes a run folder (written by --out) "
+        raise CheckpointError(f"no checkpoint at {path}; give a run folder that holds one (a run's --out) "
                               f"or a {FILENAME} file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds non-tensor objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not why or why.isdigit() or "Weights only load failed" in why:  # e.g. a text file's "105"
+            why = f"not a complete torch checkpoint ({type(e).__name__})"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}; give a run folder or its {FILENAME}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dtql_fast checkpoint of format {FORMAT}")
     return ckpt

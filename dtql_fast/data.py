@@ -3,7 +3,8 @@
 Every loader turns its source into five arrays and hands them to `Transitions.from_arrays`, which
 does all bad-data checks and moves the whole dataset to the training device. Alongside the data,
 `load_dataset` returns the task (hyperparameters and reference scores) and a factory for the
-evaluation environment, whose observations are flattened exactly as the data's are.
+evaluation environment, whose observations are flattened exactly as the data's are. A run's data
+(`load_run_data`) is its tasks' LoadedData, in --task order (RunData).
 
 Transition rules (spec-level facts, tested in tests/test_data.py):
 - D4RL (`d4rl.qlearning_dataset`, terminate_on_end=False): for i in 0..N-2, a row whose
@@ -15,6 +16,7 @@ Transition rules (spec-level facts, tested in tests/test_data.py):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -25,20 +27,26 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
 from . import optional
-from .tasks import DEFAULT_HYPER, TASKS, Task, get_task
-from .transitions import DatasetError, Transitions
+from .config import ConfigError
+from .tasks import DEFAULT_HYPER, OFFLINE_DATASET_ID, OFFLINE_DEMO_HYPER, TASKS, Hyper, Task, get_task
+from .transitions import AgentData, DatasetError, Transitions
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
 
 gym = optional.gymnasium()  # absent on a bare GPU machine: D4RL files still load
 
 __all__ = [
     "LoadedData", "load_dataset", "load_d4rl", "load_minari", "build_offline_dataset",
     "d4rl_qlearning", "minari_episodes_to_arrays", "d4rl_path", "flatten_obs", "FlattenObservation",
-    "OFFLINE_DATASET_ID", "D4RL_KEYS", "RoboticsMissingError",
+    "OFFLINE_DATASET_ID", "D4RL_KEYS", "RoboticsMissingError", "RunData", "load_run_data",
 ]
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -250,6 +258,9 @@ def _read_d4rl_hdf5(path: Path, url: str | None) -> dict[str, np.ndarray]:
 
 def _as_column(raw: dict, key: str, n: int, source: str) -> np.ndarray:
     arr = np.asarray(raw[key])
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise DatasetError(f"{source}: '{key}' holds {arr.dtype} values, not numbers; the file is not a D4RL "
+                           "dataset or was written wrongly.")
     if arr.ndim == 0 or arr.shape[0] != n or arr.size != n:
         raise DatasetError(f"{source}: '{key}' has shape {arr.shape}; expected one value per row "
                            f"({n} rows, like 'observations').")
@@ -262,6 +273,10 @@ def d4rl_qlearning(raw: dict, source: str = "D4RL dataset") -> dict[str, np.ndar
     For i in 0..N-2: skip i if timeouts[i]; else keep (obs[i], act[i], r[i], obs[i+1], terminals[i]).
     """
     obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
+    for key, arr in (("observations", obs), ("actions", act)):
+        if not np.issubdtype(arr.dtype, np.number):
+            raise DatasetError(f"{source}: '{key}' holds {arr.dtype} values, not numbers; the file is not a D4RL "
+                               "dataset or was written wrongly.")
     if obs.ndim == 0:
         raise DatasetError(f"{source}: 'observations' is a scalar, not an (N, dim) array.")
     n = obs.shape[0]
@@ -501,7 +516,6 @@ def _env_var(key: str, value: str | None):
 #   ref_min = mean return of the uniform random policy over REF_EPISODES episodes,
 #   ref_max = mean return of the noiseless controller over REF_EPISODES episodes.
 
-OFFLINE_DATASET_ID = "dtql_fast/reacher/scripted-v0"
 OFFLINE_ENV_ID = "Reacher-v5"
 OFFLINE_EPISODES = 400
 _L1, _L2 = 0.1, 0.11          # Reacher's link lengths (upper arm, forearm to fingertip)
@@ -605,4 +619,72 @@ def build_offline_dataset(dataset_id: str = OFFLINE_DATASET_ID, device="cpu", *,
                   f"{time.perf_counter() - t0:.1f} s; ref_min {ref_min:.2f} (random), ref_max {ref_max:.2f} "
                   f"(scripted controller)", file=sys.stderr, flush=True)
     return load_dataset(dataset_id, None, device, download=False)
+
+
+# -- a run's data: each of its tasks' -------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """What a run's agents train and are evaluated on: each task's LoadedData (dataset, evaluation env,
+    reference scores), in --task order, and the task of each agent. `transitions`: one task's Transitions, or
+    for a task list an AgentData, each agent sampling its own task's rows."""
+    per_task: list
+    of_agent: list[int]
+    transitions: object
+
+    def agent(self, i: int):
+        """Agent i's task's LoadedData."""
+        return self.per_task[self.of_agent[i]]
+
+    def hypers(self, cfg: TrainConfig) -> list[Hyper]:
+        """Each task's table with the command's overrides (TrainConfig.agent_hypers' bases)."""
+        return [cfg.hyper(one.task.hyper) for one in self.per_task]
+
+    @property
+    def source(self) -> str:
+        return ",".join(one.source for one in self.per_task)
+
+    @property
+    def note(self) -> str:
+        return "; ".join(one.note for one in self.per_task if one.note)
+
+    @property
+    def behaviour_return(self) -> float | None:
+        """The behaviour data's mean return (None for a task list: summary.json has each task's)."""
+        return self.per_task[0].behaviour_return if len(self.per_task) == 1 else None
+
+    def eval_episodes(self) -> int:
+        counts = {one.task.eval_episodes for one in self.per_task}
+        if len(counts) > 1:
+            raise ConfigError("the tasks evaluate different numbers of episodes ("
+                              + ", ".join(f"{one.task.name}: {one.task.eval_episodes}" for one in self.per_task)
+                              + "); give --eval-episodes")
+        return counts.pop()
+
+
+def load_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
+    """The datasets (and evaluation envs, tasks, reference scores) a run trains on: for each task its --dataset
+    file or Minari id, else the task's D4RL file; the offline Reacher demo for the default task. A task list's
+    datasets must share state and action widths."""
+    paths = cfg.datasets()
+    if len(paths) != len(cfg.tasks):
+        raise ConfigError(f"--dataset gives {len(paths)} paths for {len(cfg.tasks)} tasks; give one path, or one "
+                          "per task in --task's order")
+    per_task = []
+    for name, path in zip(cfg.tasks, paths):
+        if name == OFFLINE_DATASET_ID and path is None:
+            one = build_offline_dataset(device=device)
+            one.task = dataclasses.replace(one.task, hyper=OFFLINE_DEMO_HYPER)
+        else:
+            one = load_dataset(name, path, device)
+        per_task.append(one)
+    if len(per_task) == 1:
+        return RunData(per_task, [0] * len(cfg.agents), per_task[0].transitions)
+    widths = {name: (one.transitions.state_dim, one.transitions.action_dim) for name, one in zip(cfg.tasks, per_task)}
+    if len(set(widths.values())) > 1:
+        raise ConfigError("the tasks of one run must share state and action widths; got "
+                          + ", ".join(f"{t}: state {s}, action {a}" for t, (s, a) in widths.items()))
+    of_agent = cfg.task_of_agent
+    return RunData(per_task, of_agent, AgentData([one.transitions for one in per_task], of_agent))
 

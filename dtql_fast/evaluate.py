@@ -8,21 +8,31 @@ Acting (spec, "Acting and evaluation"): for each state, R = 1024 policy candidat
 TARGET critic's q_min, one drawn from Categorical(softmax(q)); the agents implement it as
 `act(states, eps, u)`. `make_act_fn` draws eps ~ N(0, I) of shape (N, R, A) and then u ~ U[0, 1)
 of shape (N,) from its generator, once per env step for all live envs together.
+
+A run's evaluation (evaluate_agents) is seeded by each agent's seed: seed s plays the same envs
+(env_seed) and action draws (eval_generator, with the step) in any run, so python -m
+dtql_fast.evaluate repeats training's evaluation of a checkpoint.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import optional
-from .reporting import agent_name
+from .runlog import agent_name
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data import RunData
+    from .tasks import Hyper
 
 gym = optional.gymnasium()  # absent on a bare GPU machine: evaluation says so when asked for
 
-__all__ = ["evaluate", "evaluate_group", "make_act_fn", "make_group_act_fn"]
+__all__ = ["evaluate", "evaluate_group", "evaluate_agents", "env_seed", "eval_generator", "make_act_fn",
+           "make_group_act_fn"]
 
 
 def make_act_fn(act: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], action_dim: int,
@@ -199,6 +209,39 @@ def _scores(returns: np.ndarray, lengths: np.ndarray, task) -> dict:
     return out
 
 
+# -- a run's evaluation: each agent seed plays the same envs and draws in any run ---------------------
+
+
+def env_seed(seed: int) -> int:
+    """The first evaluation env's seed of agent seed `seed` (its episode j plays env_seed + j)."""
+    return seed * 10_000 + 1000
+
+
+def eval_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The acting draws of seed `seed`'s evaluation at `step` (python -m dtql_fast.evaluate replays them)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def evaluate_agents(act_rule, loaded: RunData, hyper: Hyper, device: torch.device, cfg: TrainConfig, step: int,
+                    episodes: int, padded: bool = False, first_env_seed: int | None = None) -> list[dict]:
+    """One evaluation result per agent. Seed s plays the same envs and action draws in any run (env seeds
+    s * 10000 + 1000 + j, draws from a generator seeded by s and the step); all the agents' episodes run
+    in one vector env, one acting call per env step. Compiled, every call acts on all `episodes` rows an
+    agent, finished envs padded, so the acting graph never recompiles."""
+    A, R = loaded.transitions.action_dim, hyper.num_candidates
+    agents = range(len(cfg.agents))
+
+    def draws(seed: int) -> torch.Generator:
+        return eval_generator(seed, step, device)
+
+    def envs(i: int, seed: int) -> int:  # first_env_seed (python -m dtql_fast.evaluate --env-seed): other envs
+        return env_seed(seed) if first_env_seed is None else first_env_seed + 10_000 * i
+
+    act = make_group_act_fn(act_rule, A, R, device, [draws(s) for s in cfg.agents], pad=padded)
+    return evaluate_group(act, [loaded.agent(i).make_env for i in agents], episodes,
+                          [envs(i, s) for i, s in enumerate(cfg.agents)], task=[loaded.agent(i).task for i in agents])
+
+
 # -- videos: one episode per agent, rendered offscreen ---------------------------------------------------
 
 RENDER_HELP = ("headless rendering needs EGL (MUJOCO_GL=egl, the default here; Debian: apt-get install libegl1 "
@@ -252,16 +295,18 @@ def main(argv=None) -> list[dict]:
     """Evaluate a run folder's agents again, as training does (the same acting rule, draws seeded by the
     checkpoint's step, the same normalisation); print and write the scores as JSON."""
     import argparse
+    import glob
     import json
     from pathlib import Path
 
-    from . import checkpoint
-    from .seeds import SeedListError, parse_seeds
+    from . import checkpoint, footprint, runfolder
+    from .agents import build_agent, restore
+    from .config import NEGATIVE_NUMBER, ConfigError, TrainConfig, agent_labels, device_problem, resolve_device
+    from .data import load_run_data
+    from .runlog import eval_rows
+    from .seeds import MAX_SEED, SeedListError, parse_seeds
     from .tasks import Hyper
-    from .train import (ConfigError, TrainConfig, _device, agent_labels, eval_rows, evaluate_agents, load_run_data,
-                        net_shapes)
     from .transitions import DatasetError
-    from .update import FastDTQL
 
     p = argparse.ArgumentParser(prog="python -m dtql_fast.evaluate", description=main.__doc__)
     p.add_argument("run", help="a run folder (python -m dtql_fast.train --out)")
@@ -276,6 +321,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", metavar="PATH", help="default: RUN/evaluation-<checkpoint>-step<N>.json")
     p.add_argument("--video", metavar="FILE", help="also record one episode per agent (the first env seed's) to "
                    "FILE (.gif, or .mp4 with imageio-ffmpeg); a group writes FILE-seed<k>.gif per agent")
+    p._negative_number_matcher = NEGATIVE_NUMBER  # --env-seed -1 reaches its check (config.py)
     a = p.parse_args(argv)
     if a.video:
         import os
@@ -285,9 +331,16 @@ def main(argv=None) -> list[dict]:
             p.error(f"--video {a.video}: give a .gif or .mp4 file")
     if a.episodes is not None and a.episodes < 1:
         p.error(f"--episodes {a.episodes}: takes >= 1")
+    if a.env_seed is not None and not 0 <= a.env_seed <= MAX_SEED:
+        p.error(f"--env-seed {a.env_seed}: takes 0-{MAX_SEED}")
+    if device_problem(a.device):
+        p.error(device_problem(a.device))
     run = Path(a.run)
-    device = _device(a.device)
+    device = resolve_device(a.device)
     try:
+        if not run.exists():
+            raise checkpoint.CheckpointError(f"{run} does not exist; give a run folder (python -m dtql_fast.train "
+                                             "--out) or a checkpoint file")
         if a.checkpoint == "best":
             if run.is_dir() and not (run / checkpoint.BEST).exists():
                 raise checkpoint.CheckpointError(
@@ -301,19 +354,31 @@ def main(argv=None) -> list[dict]:
         keep = list(parse_seeds(a.agents, "--agents")) if a.agents else agents
         if set(keep) - set(agents):
             raise SeedListError(f"--agents {a.agents}: the run trains seeds {agents}, not {sorted(set(keep) - set(agents))}")
+        step = ckpt["step"]
+        folder = run if run.is_dir() else run.parent
+        # Outputs are checked before the work that fills them, and never overwritten: a repeat of the default
+        # name gets a number (-2, -3, ...), a given --json or --video that exists is refused.
+        out = Path(a.json) if a.json else _free_name(folder / f"evaluation-{a.checkpoint}-step{step}.json")
+        runfolder.check_writable(out, f"--json {out}" if a.json else "the evaluation's JSON")
+        if a.video:  # a group's files are FILE[-setting]-seed<k>.ext (record_videos)
+            video = Path(a.video)
+            runfolder.check_writable(video if cfg.single_seed else video.parent, f"--video {a.video}",
+                                     folder=not cfg.single_seed)
+            taken = [] if cfg.single_seed else [v for k in keep for v in video.parent.glob(
+                f"{glob.escape(video.stem)}*-seed{k}{glob.escape(video.suffix)}")]
+            if taken:
+                raise runfolder.CannotWrite(f"--video {a.video}: {taken[0]} exists already and is never "
+                                            "overwritten; give another --video")
         loaded = load_run_data(cfg, device)
-        agent = FastDTQL(loaded.transitions.state_dim, loaded.transitions.action_dim, hyper, device, seeds=agents,
-                         hypers=cfg.agent_hypers(loaded.hypers(cfg)),
-                         datasets=cfg.task_of_agent)
-        checkpoint.check_compatible(ckpt, cfg.task, net_shapes(agent), where=f"the checkpoint in {run}")
         for name, one in zip(cfg.tasks, loaded.per_task):
             if one.env_problem:
                 raise DatasetError(f"evaluation for {name} cannot run: {one.env_problem}")
         episodes = a.episodes or cfg.eval_episodes or loaded.eval_episodes()
-    except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError, ConfigError) as e:
+        agent = build_agent(cfg, loaded.transitions, hyper, loaded.hypers(cfg), device, eval_episodes=episodes)
+        restore(agent, ckpt, cfg.task, where=f"the checkpoint in {run}")
+    except (checkpoint.CheckpointError, SeedListError, DatasetError, TypeError, ConfigError,
+            footprint.GroupTooLarge, runfolder.CannotWrite) as e:
         raise SystemExit(f"error: {e}")
-    agent.load_state_dict(checkpoint.agent_state(ckpt))
-    step = ckpt["step"]
     results = evaluate_agents(agent.act, loaded, hyper, device, cfg, step, episodes, first_env_seed=a.env_seed)
     who = agent_labels(cfg) or [{"seed": s} for s in agents]  # each row names its agent
     picked = [(i, r) for i, r in enumerate(eval_rows(results, step, 0, who)) if r["seed"] in keep]
@@ -323,22 +388,28 @@ def main(argv=None) -> list[dict]:
         score = f", normalised score {r['score_mean']:.1f} ± {r['score_std']:.1f}" if r["score_mean"] is not None else ""
         print(f"{','.join(cfg.tasks)} | {agent_name(r)} | {a.checkpoint} checkpoint, step {step} | {episodes} "
               f"episodes from env seed {r['env_seed']}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}{score}")
-    out = Path(a.json) if a.json else (run if run.is_dir() else run.parent) / f"evaluation-{a.checkpoint}-step{step}.json"
     doc = {"run": str(run), "task": cfg.task, "checkpoint": a.checkpoint, "step": step, "episodes": episodes,
            "best": ckpt.get("best"), "agents": rows}
     if a.video:
         doc["videos"] = record_videos(agent, loaded, hyper, device, cfg, step, picked, Path(a.video))
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     print(f"written: {out}")
     return rows
 
 
+def _free_name(path):
+    """`path`, or where it exists the first of path-2, path-3, ... that does not."""
+    n, free = 2, path
+    while free.exists():
+        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return free
+
+
 def record_videos(agent, loaded, hyper, device, cfg, step: int, rows: list[tuple[int, dict]], video) -> list[dict]:
     """One episode per agent of `rows` ((agent index, its evaluation row)), acting as evaluation does
-    (train.eval_generator), from that agent's first evaluation env seed; written to `video` (one file per agent
+    (eval_generator), from that agent's first evaluation env seed; written to `video` (one file per agent
     of a group)."""
-    from .train import eval_generator
-
     A, R = loaded.transitions.action_dim, hyper.num_candidates
     seeds = cfg.agents
     done = []

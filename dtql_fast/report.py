@@ -23,9 +23,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paper, runfolder, runs
+from . import paper, runfolder, runstatus
 from .curves import draw_mean_curve, mean_curve, mean_std
-from .tasks import TASKS, one_per_task, run_steps
+from .hyper import run_steps
+from .runlog import TIME_PARTS
+from .tasks import TASKS, one_per_task
 
 MARK_UNFINISHED = "†"
 
@@ -44,6 +46,8 @@ class RunTime:
     evals_measured: bool        # False: no evaluation ran in this process (a projection leaves them out)
     hardware: str
     seeds: int                  # agents trained together in the process (a seed group shares one time)
+    split: dict | None = None   # summary.json's time split (runlog.TIME_PARTS, seconds); None: a run before it
+    off_path_eval_s: float = 0.0  # an evaluation worker's seconds, beside training rather than in the total
 
 
 def _schedule(task: str, cfg: dict) -> tuple[int, int, int, int]:
@@ -84,8 +88,9 @@ def run_time(task: str, cfg: dict, summary: dict | None, eval_rows: list[dict], 
             wanted = TASKS[task].eval_episodes if task in TASKS else episodes
             evals = t["eval_s"] / len(ran) * wanted / episodes * math.ceil(epochs / every)
         hours, projected = (t["compile_s"] + rate * full + evals) / 3600, True
+    split = {k: t["split"].get(f"{k}_s", 0.0) for k in TIME_PARTS} if "split" in t else None
     return RunTime(t["total_s"], hours, projected, steps, full, rate * 1000, bool(ran),
-                   t.get("hardware", "unknown machine"), seeds)
+                   t.get("hardware", "unknown machine"), seeds, split, t.get("eval_off_path_s", 0.0))
 
 
 # -- where a run's data came from ------------------------------------------------------------------------
@@ -123,7 +128,7 @@ class SeedRun:
     task: str
     seed: int | None
     run_dir: Path
-    state: str                                  # runs.run_state: finished, running, failed, unfinished, ...
+    state: str                                  # runstatus.run_state: finished, running, failed, unfinished, ...
     evals: list[tuple[int, float]] = field(default_factory=list)   # (step, score)
     kind: str = "score"                         # "score" (normalised) or "return" when the task has no reference scores
     step: int | None = None
@@ -131,7 +136,7 @@ class SeedRun:
     error: str | None = None
     data_note: str | None = None                # see data_note
     time: RunTime | None = None                 # a seed group's seeds share their process's
-    problems: list[str] = field(default_factory=list)   # runs.problems: what could not be read, how it ended
+    problems: list[str] = field(default_factory=list)   # runstatus.problems: what could not be read, how it ended
     setting: str | None = None                  # a grid's cell (train --alpha 1,5: "alpha=5"); None outside a grid
 
     @property
@@ -175,6 +180,16 @@ class TaskTime:
     @property
     def projected(self) -> int:
         return sum(t.projected for t in self.runs)
+
+    @property
+    def split(self) -> tuple[int, float, dict[str, float], float] | None:
+        """Where the time of the processes with a split went: (how many, their wall seconds, seconds per part,
+        an evaluation worker's seconds beside them); None when none has a split."""
+        split = [t for t in self.runs if t.split is not None]
+        if not split:
+            return None
+        return (len(split), sum(t.process_s for t in split),
+                {k: sum(t.split[k] for t in split) for k in TIME_PARTS}, sum(t.off_path_eval_s for t in split))
 
 
 @dataclass
@@ -236,7 +251,7 @@ class DomainRow:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return any((d / name).is_file() for name in (runfolder.CONFIG, runs.STATUS, runfolder.METRICS))
+    return any((d / name).is_file() for name in (runfolder.CONFIG, runstatus.STATUS, runfolder.METRICS))
 
 
 def discover(root: Path) -> list[SeedRun]:
@@ -253,15 +268,15 @@ def discover(root: Path) -> list[SeedRun]:
 
 
 def _read_run(d: Path) -> list[SeedRun]:
-    cfg = runs.read_json(d / runfolder.CONFIG) or {}
-    status = runs.read_status(d)
+    cfg = runstatus.read_json(d / runfolder.CONFIG) or {}
+    status = runstatus.read_status(d)
     task = cfg.get("task") or status.get("task") or d.name
-    state = runs.run_state(d, None)
-    train_rows, eval_rows = runs.metric_rows(d)
-    total = runs.planned_steps_from_config(d)
+    state = runstatus.run_state(d, None)
+    train_rows, eval_rows = runstatus.metric_rows(d)
+    total = runstatus.planned_steps_from_config(d)
     step = train_rows[-1]["step"] if train_rows else None
-    if state == "finished":  # how far it got is summary.json's word (its rows may be cut: runs.problems says so)
-        step = (runs.read_json(d / runfolder.SUMMARY) or {}).get("steps", step)
+    if state == "finished":  # how far it got is summary.json's word (its rows may be cut: runstatus.problems says so)
+        step = (runstatus.read_json(d / runfolder.SUMMARY) or {}).get("steps", step)
     error = status.get("error") if state == "failed" else None
     # A seed group's folder (train --seeds; the sweep writes "seeds" in status.json too, before config.json
     # exists) holds every seed's rows, each tagged with its seed; a single run's rows are all its one seed's.
@@ -278,8 +293,8 @@ def _read_run(d: Path) -> list[SeedRun]:
                     for c in cells for s in seeds]
     else:
         per_seed = [((None, cfg.get("config", {}).get("seed", status.get("seed"))), eval_rows)]
-    problems = runs.problems(d)
-    summary = runs.read_json(d / runfolder.SUMMARY)
+    problems = runstatus.problems(d)
+    summary = runstatus.read_json(d / runfolder.SUMMARY)
     out = []
     for (setting, s), rows in per_seed:
         agent_task, setting = _task_of(task, setting)
@@ -394,6 +409,25 @@ def time_basis(t: TaskTime) -> str:
     return "; ".join(parts)
 
 
+def time_split_table(rows: list[TaskRow]) -> list[str]:
+    """Where our processes' hours went, part by part (summary.json's split), beside Table 7's hours."""
+    split = [(r, r.time.split) for r in rows if r.time.split is not None]
+    if not split:
+        return []
+    lines = ["", "### Where the time went", "",
+             "Our timed processes' wall time (as measured, not projected), by part, as a share of it; the parts "
+             "sum to it. *evaluation*: evaluating on the training's path (in-line, or handing a worker the "
+             "weights); *waiting for evaluation*: training held up by a worker (train --eval-worker); *off the "
+             "path*: the worker's evaluating while training went on, not in the total.", "",
+             "| task | processes | hours | " + " | ".join(TIME_PARTS.values()) + " | off the path (hours) | "
+             "Table 7 hours |", "|---|---|---|" + "---|" * len(TIME_PARTS) + "---|---|"]
+    for r, (n, total, parts, off) in split:
+        shares = " | ".join(f"{100 * parts[k] / total:.1f}%" if total else "–" for k in TIME_PARTS)
+        lines.append(f"| {r.task} | {n} of {len(r.time.runs) + r.time.untimed} | {total / 3600:.3f} | {shares} | "
+                     f"{off / 3600:.3f} | {_num(r.time.paper_hours)} |")
+    return lines
+
+
 def _domain_paper(d: DomainRow) -> str:
     if d.complete:
         return f"{d.paper:.1f}"
@@ -466,6 +500,7 @@ def to_markdown(rows: list[TaskRow], seed_runs: list[SeedRun], root: Path) -> st
             lines.append(f"| {r.task} | {len(t.runs)} of {len(t.runs) + t.untimed} | {_hours(t.hours_per_run)} | "
                          f"{_hours(t.hours_per_seed)} | {_num(t.paper_hours)} | "
                          f"{_speedup(t)} | {_num(t.s_per_1k)} | {time_basis(t)} |")
+        lines += time_split_table(timed)
 
     lines += settings_tables(seed_runs)
     lines += ["", "## Runs", "", "| task | seed | state | step | evaluations | last | best | process hours | note |",
@@ -525,7 +560,7 @@ CSV_FIELDS = ["task", "metric", "seeds", "unfinished", "failed", "last_mean", "l
               "paper", "last_minus_paper", "best_minus_paper", "last_se", "paper_spread", "within_paper_spread",
               "diff_in_se", "strongest_baseline", "strongest_baseline_score", "paper_table", "data_note",
               "hours_per_run", "hours_per_seed", "table7_hours", "speedup_per_seed", "hardware", "s_per_1k_steps",
-              "time_basis"]
+              "time_basis", *(f"{k}_s" for k in TIME_PARTS), "eval_off_path_s"]
 
 
 def to_csv(rows: list[TaskRow], path: Path):
@@ -552,7 +587,17 @@ def to_csv(rows: list[TaskRow], path: Path):
                         "hours_per_run": r1(t and t.hours_per_run), "hours_per_seed": r1(t and t.hours_per_seed),
                         "table7_hours": r1(t and t.paper_hours), "speedup_per_seed": r1(t and t.speedup),
                         "hardware": t.hardware if t and t.runs else "", "s_per_1k_steps": r1(t and t.s_per_1k),
-                        "time_basis": time_basis(t) if t and (t.runs or t.untimed) else ""})
+                        "time_basis": time_basis(t) if t and (t.runs or t.untimed) else "",
+                        **_split_columns(t)})
+
+
+def _split_columns(t: TaskTime | None) -> dict:
+    """report.csv's seconds per part of the processes with a time split (empty without one)."""
+    split = t.split if t else None
+    if split is None:
+        return {}
+    _, _, parts, off = split
+    return {**{f"{k}_s": round(v, 2) for k, v in parts.items()}, "eval_off_path_s": round(off, 2)}
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -657,8 +702,11 @@ def main(argv=None):
                         "(the report is written all the same)")
     a = p.parse_args(argv)
     try:
+        out = Path(a.out) if a.out else Path(a.folder) / "report"
+        runfolder.check_writable(out, f"--out {a.out}" if a.out else f"the report folder {out} (or give --out)",
+                                 folder=True)  # before the folder is read, not after
         md, _, warned = report(Path(a.folder), Path(a.out) if a.out else None)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, runfolder.CannotWrite) as e:
         raise SystemExit(f"error: {e}")
     sys.stdout.write(md)
     print(f"\nwritten: {Path(a.out) if a.out else Path(a.folder) / 'report'}/report.md, report.csv, "

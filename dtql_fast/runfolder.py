@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,9 @@ CHECKPOINT_BEST = "checkpoint.best.pt"  # the state at the best evaluation so fa
 
 METRIC_FILES = (METRICS, TRAIN_CSV, EVAL_CSV)
 # The files that make a folder hold a run (a new run into it is refused: train.keep_existing_run).
-RUN_FILES = (CONFIG, SUMMARY, CHECKPOINT, CHECKPOINT_PREVIOUS, CHECKPOINT_BEST, *METRIC_FILES)
+RUN_FILES = (CONFIG, SUMMARY, CHECKPOINT, CHECKPOINT_PREVIOUS, CHECKPOINT_BEST, *METRIC_FILES, CURVES)
+# Of those, the ones a run can be continued from (--resume).
+RESUMABLE = (CHECKPOINT, CHECKPOINT_PREVIOUS)
 
 
 class RunFolderBusy(RuntimeError):
@@ -61,6 +64,45 @@ def write_fault(e: BaseException) -> OSError | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False):
+    """Refuse (CannotWrite, one line naming `what`, e.g. "--json out.json") an output path before the work that
+    fills it: a file path that exists (outputs are never overwritten) or whose folder cannot take a new file; a
+    folder path that is a file, or where a file cannot be created. Tried with a real file, not os.access (which
+    root passes on a read-only mount)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CannotWrite(f"{what}: {path} is a file, not a folder; give a folder")
+    if not folder and path.exists():
+        raise CannotWrite(f"{what}: {path} exists already and is never overwritten; give another path or move it")
+    where = path if folder else path.parent
+    probe = where
+    while not probe.exists():  # the first folder that exists decides whether the missing ones can be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CannotWrite(f"{what}: {probe} is a file, not a folder; give another path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dtql-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        fault = _WRITE_FAULTS.get(e.errno, (e.strerror, "give another path"))
+        raise CannotWrite(f"{what}: cannot write in {probe} ({fault[0]}); give another path") from None
+
+
+def metric_damage(folder: str | os.PathLike) -> str | None:
+    """What a resume will tidy in metrics.jsonl besides the rows past its checkpoint: lines that are not a JSON
+    row (garbage, or cut short by a kill); None when there are none."""
+    path = Path(folder) / METRICS
+    if not path.exists():
+        return None
+    lines = re.findall(r"[^\n]*\n|[^\n]+\Z", path.read_bytes().decode(errors="replace"))
+    bad = [i + 1 for i, ln in enumerate(lines) if _json_row(ln) is None]
+    if not bad:
+        return None
+    return (f"{path}: {len(bad)} line(s) that are not a complete metric row (line {', '.join(map(str, bad[:5]))}"
+            f"{', ...' if len(bad) > 5 else ''}; cut by a kill or edited) are dropped")
 
 
 def cannot_write(path: str | os.PathLike, fault: OSError, kept: str = "") -> CannotWrite:
@@ -209,7 +251,7 @@ def trim_metrics(folder: str | os.PathLike, step: int) -> list[dict]:
         path = folder / name
         if not path.exists():
             continue
-        lines = re.findall(r"[^\n]*\n|[^\n]+\Z", path.read_bytes().decode())  # as written: csv's \r\n stays
+        lines = re.findall(r"[^\n]*\n|[^\n]+\Z", path.read_bytes().decode(errors="replace"))  # as written: csv's \r\n stays
         if name == METRICS:
             keep = [ln for ln in lines if (row := _json_row(ln)) is not None and row.get("step", 0) <= step]
             kept_rows = [json.loads(ln) for ln in keep]

@@ -7,6 +7,12 @@ from typing import Iterable
 HOW = "write a range as low-high (0-4 is seeds 0,1,2,3,4) or a comma-separated list (0,2,5), or both (0-2,7)"
 
 
+# Seeds are 32-bit: a larger one would be folded onto a smaller one's weights (4294967296 trains seed 0's).
+MAX_SEED = 2**32 - 1
+# More agents than any machine holds; a longer range is refused before its list is built.
+MAX_SEEDS = 2**20
+
+
 class SeedListError(ValueError):
     """A seed list that cannot be trained; the message says what is wrong and how to write it."""
 
@@ -29,6 +35,10 @@ def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
             raise SeedListError(f"{flag} {text!r}: seeds are non-negative integers; {HOW}")
         if b < a:
             raise SeedListError(f"{flag} {text!r}: the range {part!r} goes down; {HOW}")
+        if b > MAX_SEED:
+            raise SeedListError(f"{flag} {text!r}: seed {b} is past the largest, {MAX_SEED}; give seeds 0-{MAX_SEED}")
+        if len(seeds) + b - a + 1 > MAX_SEEDS:
+            raise SeedListError(f"{flag} {text!r}: more than {MAX_SEEDS} seeds; split the list over several runs")
         seeds.extend(range(a, b + 1))
     return check_seeds(seeds, f"{flag} {text!r}")
 
@@ -39,9 +49,9 @@ def check_seeds(seeds: Iterable[int], what: str = "seeds") -> tuple[int, ...]:
     seeds = list(seeds)
     if not seeds:
         raise SeedListError(f"{what}: the seed list is empty; give at least one seed")
-    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED]
     if bad:
-        raise SeedListError(f"{what}: seeds must be non-negative integers; got {bad}")
+        raise SeedListError(f"{what}: seeds must be integers 0-{MAX_SEED}; got {bad[:5]}")
     repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
     if repeated:
         shown = seeds if len(seeds) <= 20 else f"[{', '.join(map(str, seeds[:20]))}, ...] ({len(seeds)} seeds)"

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runfolder, runs
+from . import runfolder, runstatus
 from .cli import RawHelpFormatter
-from .runs import RunProgress
+from .runstatus import RunProgress
 from .seeds import SeedListError, format_seeds, parse_seeds
 
 # Train flags the sweep sets itself for each run.
@@ -120,7 +120,7 @@ def parse_tasks(text: str) -> tuple[str, ...]:
         raise SweepError(f"--tasks lists {dup} more than once")
     for t in tasks:
         try:
-            runs.base_hyper(t, None)
+            runstatus.base_hyper(t, None)
         except UnknownTaskError as e:
             raise SweepError(f"--tasks: {e}") from None
     return tasks
@@ -133,14 +133,20 @@ def check_train_args(train_args: tuple[str, ...], tasks: tuple[str, ...]):
         if flag in OWNED_FLAGS:
             raise SweepError(f"{flag} is set by the sweep for each run; use {OWNED_FLAGS[flag]} instead")
     cfg = _train_config(train_args, tasks[0])
+    from .config import ConfigError, check_config
+
+    try:  # train's own range checks (--epochs 0, --lr nan, ...), before any run starts
+        check_config(dataclasses.replace(cfg, device="auto"))  # the workers' devices are theirs to judge
+    except (ConfigError, SeedListError) as e:
+        raise SweepError(f"{e} (a flag passed to python -m dtql_fast.train)") from None
     if cfg.dataset is not None and len(tasks) > 1 and Path(cfg.dataset).expanduser().is_file():
         raise SweepError(f"--dataset {cfg.dataset} is one file, but the sweep has {len(tasks)} tasks; pass a folder "
                          "holding each task's D4RL file under its D4RL name (e.g. hopper_medium-v2.hdf5)")
 
 
 def _train_config(train_args: tuple[str, ...], task: str):
-    """train.py's own parse of the flags passed through, its error turned into a SweepError."""
-    from .train import parse_args
+    """train.py's own parse of the flags passed through (config.parse_args), its error turned into a SweepError."""
+    from .config import parse_args
 
     err = io.StringIO()
     try:
@@ -165,7 +171,7 @@ def _absolute_dataset(train_args: tuple[str, ...]) -> tuple[str, ...]:
 
 def _identity(train_args: tuple[str, ...], task: str) -> dict:
     """The train settings that change a run's numbers (compared between invocations of one sweep)."""
-    from .train import RUNTIME_FIELDS  # flags that may change between invocations of one sweep
+    from .config import RUNTIME_FIELDS  # flags that may change between invocations of one sweep
 
     cfg = dataclasses.asdict(_train_config(train_args, task))
     return {k: v for k, v in cfg.items()
@@ -230,6 +236,8 @@ def parse_args(argv=None) -> SweepConfig:
             raise SweepError(f"--max-group {ns.max_group}: a run holds at least one task's {len(seeds)} seeds; give "
                              f"--max-group {len(seeds)} or more")
         check_train_args(tuple(extra), tasks)
+        if Path(ns.out).expanduser().exists() and not Path(ns.out).expanduser().is_dir():
+            raise SweepError(f"--out {ns.out} is a file, not a folder; give the sweep's folder")
     except SweepError as e:
         p.error(str(e))
     return SweepConfig(tasks=tasks, seeds=seeds, out=ns.out, train_args=_absolute_dataset(tuple(extra)),
@@ -255,15 +263,15 @@ def run_dir_for(out: Path, task: str) -> Path:
 def _task_settings(train_args: tuple[str, ...], task: str):
     """(train's config, the task's table with the command's overrides) of one task under the sweep's flags."""
     tcfg = _train_config(train_args, task)
-    return tcfg, tcfg.hyper(runs.base_hyper(task, tcfg.dataset))
+    return tcfg, tcfg.hyper(runstatus.base_hyper(task, tcfg.dataset))
 
 
 def pack_key(task: str, train_args: tuple[str, ...]) -> tuple:
     """What tasks must agree in to share one step: their (state, action) widths, the settings a group shares
-    (update.SHARED, after the command's overrides) and their evaluation episodes. A task whose widths are not
+    (hyper.SHARED, after the command's overrides) and their evaluation episodes. A task whose widths are not
     known before loading (a Minari id) packs with no other."""
     from .tasks import TASKS
-    from .update import SHARED
+    from .hyper import SHARED
 
     tcfg, hyper = _task_settings(train_args, task)
     widths = TASKS[task].widths if task in TASKS else None
@@ -368,7 +376,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_for_previous_attempt(run_dir: Path, timeout: float = 30.0):
     """A dead worker's training process gets SIGKILL from the kernel; wait until it is really gone."""
-    st = runs.read_status(run_dir)
+    st = runstatus.read_status(run_dir)
     pid = st.get("pid")
     if st.get("state") != "running" or not pid or st.get("host") != socket.gethostname():
         return
@@ -383,7 +391,7 @@ def _wait_for_previous_attempt(run_dir: Path, timeout: float = 30.0):
 
 
 def _clear_partial_outputs(run_dir: Path):
-    for name in runs.PARTIAL_OUTPUTS:
+    for name in runstatus.PARTIAL_OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -412,39 +420,39 @@ def _wait(proc: subprocess.Popen, stop_file: str) -> tuple[int, bool]:
 def execute_run(spec: RunSpec) -> RunResult:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if runs.is_finished(run_dir, spec.planned_steps):
+    if runstatus.is_finished(run_dir, spec.planned_steps):
         return RunResult(spec.task, spec.seeds, spec.run_dir, "skipped", steps=spec.planned_steps)
     if spec.stop_file and os.path.exists(spec.stop_file):
         return RunResult(spec.task, spec.seeds, spec.run_dir, "interrupted", error="the sweep was stopped")
     _wait_for_previous_attempt(run_dir)
-    resume = runs.has_checkpoint(run_dir)
+    resume = runstatus.has_checkpoint(run_dir)
     if not resume:
         _clear_partial_outputs(run_dir)
-    attempt = sum(1 for a in runs.attempts(run_dir) if a.get("event") == "start") + 1
+    attempt = sum(1 for a in runstatus.attempts(run_dir) if a.get("event") == "start") + 1
     cmd = train_command(spec, resume)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), PYTHONUNBUFFERED="1")
     base = dict(task=spec.task, seeds=list(spec.seeds), attempt=attempt, host=socket.gethostname(), worker_pid=os.getpid(),
                 command=cmd)
-    with open(run_dir / runs.LOG, "ab") as log:
+    with open(run_dir / runstatus.LOG, "ab") as log:
         log.write(f"\n=== attempt {attempt}: {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         started = base["started"] = time.time()
-        runs.write_status(run_dir, state="running", pid=proc.pid, resumed=resume, **base)
-        runs.append_attempt(run_dir, event="start", time=started, pid=proc.pid, worker_pid=os.getpid(),
+        runstatus.write_status(run_dir, state="running", pid=proc.pid, resumed=resume, **base)
+        runstatus.append_attempt(run_dir, event="start", time=started, pid=proc.pid, worker_pid=os.getpid(),
                             host=base["host"], resumed=resume)
         try:
             rc, stopped = _wait(proc, spec.stop_file)
         except BaseException:
             # the worker itself is being stopped (KeyboardInterrupt, SystemExit): let train.py checkpoint first.
             _interrupt(proc)
-            state = "finished" if runs.is_finished(run_dir, spec.planned_steps) else "interrupted"
-            runs.write_status(run_dir, state=state, exit_code=proc.returncode, ended=time.time(), **base)
-            runs.append_attempt(run_dir, event="end", state=state, exit_code=proc.returncode, time=time.time())
+            state = "finished" if runstatus.is_finished(run_dir, spec.planned_steps) else "interrupted"
+            runstatus.write_status(run_dir, state=state, exit_code=proc.returncode, ended=time.time(), **base)
+            runstatus.append_attempt(run_dir, event="end", state=state, exit_code=proc.returncode, time=time.time())
             raise
     ended = time.time()
-    steps = (runs.read_json(run_dir / runfolder.SUMMARY) or {}).get("steps")
-    if runs.is_finished(run_dir, spec.planned_steps) and (rc == 0 or stopped):
+    steps = (runstatus.read_json(run_dir / runfolder.SUMMARY) or {}).get("steps")
+    if runstatus.is_finished(run_dir, spec.planned_steps) and (rc == 0 or stopped):
         state, error = "finished", None
     elif stopped:
         state, error = "interrupted", "the sweep was stopped; re-run it to resume"
@@ -453,8 +461,8 @@ def execute_run(spec: RunSpec) -> RunResult:
             sig = signal.Signals(-rc).name
         except ValueError:
             sig = f"signal {-rc}"
-        runs.write_status(run_dir, state=KILLED_BY_SIGNAL, signal=sig, ended=ended, **base)
-        runs.append_attempt(run_dir, event="end", state=KILLED_BY_SIGNAL, signal=sig, time=ended)
+        runstatus.write_status(run_dir, state=KILLED_BY_SIGNAL, signal=sig, ended=ended, **base)
+        runstatus.append_attempt(run_dir, event="end", state=KILLED_BY_SIGNAL, signal=sig, time=ended)
         raise RunKilled(f"{spec.name}: the training process was killed by {sig} (attempt {attempt}); "
                         f"Ray retries it from its last checkpoint")
     elif rc == 130:
@@ -462,9 +470,9 @@ def execute_run(spec: RunSpec) -> RunResult:
     elif rc == 0:
         state, error = "failed", f"train.py exited 0 but summary.json says {steps} of {spec.planned_steps} steps"
     else:
-        state, error = "failed", error_message(run_dir / runs.LOG)
-    runs.write_status(run_dir, state=state, exit_code=rc, error=error, ended=ended, **base)
-    runs.append_attempt(run_dir, event="end", state=state, exit_code=rc, time=ended)
+        state, error = "failed", error_message(run_dir / runstatus.LOG)
+    runstatus.write_status(run_dir, state=state, exit_code=rc, error=error, ended=ended, **base)
+    runstatus.append_attempt(run_dir, event="end", state=state, exit_code=rc, time=ended)
     return RunResult(spec.task, spec.seeds, spec.run_dir, state, steps=steps, error=error, attempts=attempt)
 
 
@@ -505,8 +513,8 @@ class LiveView:
     def snapshot(self) -> list[RunProgress]:
         out = []
         for s in self.specs:
-            p = runs.progress(Path(s.run_dir), s.planned_steps)
-            st = runs.read_status(Path(s.run_dir))
+            p = runstatus.progress(Path(s.run_dir), s.planned_steps)
+            st = runstatus.read_status(Path(s.run_dir))
             if s.run_dir in self.skipped:
                 p.state = "skipped"
             elif p.state != "finished" and max(st.get("started", 0), st.get("ended", 0)) < self.since:
@@ -542,7 +550,7 @@ def _ray():
 def _check_manifest(out: Path, cfg: SweepConfig) -> dict:
     """A sweep folder keeps one layout, one seed list and one set of train settings: refuse a re-run that
     would mix two."""
-    manifest = runs.read_json(out / "sweep.json") or {}
+    manifest = runstatus.read_json(out / "sweep.json") or {}
     if manifest and manifest.get("layout") != LAYOUT:
         raise SweepError(f"{out} holds a sweep made before seed groups (one run folder per seed); sweep into "
                          "another --out (python -m dtql_fast.report still reads it)")
@@ -571,6 +579,10 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
     ray = _ray()
     stream = stream or sys.stdout
     out = Path(cfg.out).expanduser().resolve()
+    try:
+        runfolder.check_writable(out, f"--out {cfg.out}", folder=True)
+    except runfolder.CannotWrite as e:
+        raise SweepError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     manifest = _check_manifest(out, cfg)
     stop = stop_file_for(out)
@@ -578,13 +590,17 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
     specs = plan_runs(cfg)
     results: dict[str, RunResult] = {}
     for s in specs:
-        if runs.is_finished(Path(s.run_dir), s.planned_steps):
+        if runstatus.is_finished(Path(s.run_dir), s.planned_steps):
             results[s.run_dir] = RunResult(s.task, s.seeds, s.run_dir, "skipped", steps=s.planned_steps)
     todo = [s for s in specs if s.run_dir not in results]
+    if not todo and manifest.get("runs"):  # all finished already: sweep.json keeps their record as it is
+        print(f"sweep {out}: all {len(specs)} run(s) finished already; nothing to do", file=stream)
+        _print_outcome(list(results.values()), stream)
+        return [results[s.run_dir] for s in specs]
     manifest.update(layout=LAYOUT, tasks=list(cfg.tasks), seeds=list(cfg.seeds), train_args=list(cfg.train_args),
                     train_settings=_identity(cfg.train_args, cfg.tasks[0]), max_group=cfg.max_group,
                     started=time.time())
-    runs.write_json_atomic(out / "sweep.json", manifest)
+    runstatus.write_json_atomic(out / "sweep.json", manifest)
     per = "per task" if cfg.max_group is None else f"packed, at most {cfg.max_group} agents each"
     print(f"sweep {out}: {len(cfg.tasks)} task(s) x {len(cfg.seeds)} seed(s) ({format_seeds(cfg.seeds)}), "
           f"{len(specs)} run(s) (one process each, {per}); {len(results)} already finished, {len(todo)} to run",
@@ -625,9 +641,11 @@ def run_sweep(cfg: SweepConfig, stream=None) -> list[RunResult]:
         view.refresh(force=True)
     finally:
         final = [results.get(s.run_dir) for s in specs]
-        manifest["runs"] = {s.task: dataclasses.asdict(r) if r else {"state": "not run"} for s, r in zip(specs, final)}
+        before = manifest.get("runs") or {}  # a run finished before this sweep keeps the record it had
+        manifest["runs"] = {s.task: before[s.task] if r and r.state == "skipped" and s.task in before
+                            else dataclasses.asdict(r) if r else {"state": "not run"} for s, r in zip(specs, final)}
         manifest["ended"] = time.time()
-        runs.write_json_atomic(out / "sweep.json", manifest)
+        runstatus.write_json_atomic(out / "sweep.json", manifest)
         if started_ray:
             ray.shutdown()
         stop.unlink(missing_ok=True)
@@ -648,8 +666,8 @@ def _collect(ray, ref, spec: RunSpec, cfg: SweepConfig) -> RunResult:
         run_dir = Path(spec.run_dir)
         error = (f"killed on all {cfg.max_retries + 1} attempt(s); Ray gave up ({why})" if killed
                  else f"the sweep failed in the Ray worker: {type(e).__name__}: {why}")
-        n = sum(1 for a in runs.attempts(run_dir) if a.get("event") == "start")
-        runs.write_status(run_dir, state="failed", error=error, task=spec.task, seeds=list(spec.seeds), attempt=n,
+        n = sum(1 for a in runstatus.attempts(run_dir) if a.get("event") == "start")
+        runstatus.write_status(run_dir, state="failed", error=error, task=spec.task, seeds=list(spec.seeds), attempt=n,
                           ended=time.time())
         return RunResult(spec.task, spec.seeds, spec.run_dir, "failed", error=error, attempts=n)
 

@@ -1,53 +1,15 @@
 """The paper's per-task settings as data, and where each task's data and evaluation come from.
 
-One `Hyper` per task (the algorithm's numbers, spec "Hyperparameters") and one `Task` (data
-source, evaluation environment, D4RL reference scores). Nothing here branches on a task name.
+One `Hyper` per task (the algorithm's numbers, spec "Hyperparameters"; each with its rules in
+hyper.py) and one `Task` (data source, evaluation environment, D4RL reference scores). Nothing here
+branches on a task name.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class Hyper:
-    alpha: float                 # trust-region weight
-    gamma: float                 # entropy-term weight
-    lr: float                    # diffusion net and policy
-    lr_decay: bool
-    epochs: int
-    batch_size: int = 256
-    expectile: float = 0.7
-    discount: float = 0.99
-    tau: float = 0.005
-    critic_lr: float = 3e-4      # release quirk: the task's lr never applies to the critic
-    steps_per_epoch: int = 1000
-    pretrain_epochs: int = 50
-    eval_every: int = 50
-    num_candidates: int = 1024   # R, actions scored per state when acting
-    noise_levels: int = 1        # K; 1 is the reference
-    hidden: int = 256
-    max_action: float = 1.0
-
-    @property
-    def total_steps(self) -> int:
-        """Training steps only (the lr schedule's length): pretraining not counted. See run_steps."""
-        return self.epochs * self.steps_per_epoch
-
-    @property
-    def run_steps(self) -> int:
-        """A whole run's steps: pretraining + training (what train.py runs, a finished run reaches)."""
-        return run_steps(self.pretrain_epochs, self.epochs, self.steps_per_epoch)
-
-    def replace(self, **kw) -> "Hyper":
-        return dataclasses.replace(self, **kw)
-
-
-def run_steps(pretrain_epochs: int, epochs: int, steps_per_epoch: int) -> int:
-    """A whole run's steps, pretraining + training: Hyper.run_steps, and a run's config.json "hyper"."""
-    return (pretrain_epochs + epochs) * steps_per_epoch
-
+from .hyper import Hyper
 
 D4RL_BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
@@ -188,6 +150,7 @@ def get_task(name: str) -> Task:
 DEFAULT_HYPER = Hyper(alpha=5.0, gamma=0.0, lr=3e-4, lr_decay=False, epochs=1000)
 
 # The offline demo (python -m dtql_fast.train with no arguments): a Reacher dataset built in
-# seconds, trained and evaluated in a few minutes on 2 CPU cores.
+# seconds (data.build_offline_dataset), trained and evaluated in a few minutes on 2 CPU cores.
+OFFLINE_DATASET_ID = "dtql_fast/reacher/scripted-v0"
 OFFLINE_DEMO_HYPER = Hyper(alpha=5.0, gamma=0.0, lr=3e-4, lr_decay=False, epochs=4, pretrain_epochs=1,
                            eval_every=2)

@@ -1,9 +1,20 @@
-"""Input checks and launch geometry shared by the EDM ops."""
+"""What the EDM ops share: input checks, launch geometry, Mish in Triton, and the view their public
+functions take of each tensor."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+def traceable(t: torch.Tensor) -> torch.Tensor:
+    """t as a fresh view of itself, what each op's public function hands its autograd.Function. Compiled
+    under torch.func.grad, dynamo runs the registered op itself (and fails: the autograd.Function that
+    register_autograd makes has no setup_context) when a tensor reaches the Function straight from grad's
+    inputs, e.g. a differentiated weight. A view of it traces through the Function; it costs nothing
+    (torch 2.13)."""
+    return t.view(t.shape)
+
 
 def uses_triton(device: torch.device) -> bool:
     """Triton kernels serve GPU tensors; every other device runs the PyTorch implementation."""

@@ -35,8 +35,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
-from ._autograd import op_function
-from ._common import check_group_shapes, launch_rows, mish_slope_tl, mish_tl, require_float32, uses_triton
+from dtql_fast.edm import SIGMA_DATA
+
+from ._common import check_group_shapes, launch_rows, mish_slope_tl, mish_tl, require_float32, traceable, uses_triton
 
 TIME_DIM, TIME_HIDDEN = 16, 32
 T1_ROWS, T2_ROWS = 20, 36       # width(16), width(32): the packed time-MLP matrices' rows
@@ -284,7 +285,29 @@ def _backward(ctx, grad_z, _grad_emb, _grad_act):
     return grad_x, None, None, None, grad_t1, grad_t2, None
 
 
+# The op's own autograd: torch.ops.dtql.edm_input is differentiable wherever it is called (opcheck tests it).
 edm_input_op.register_autograd(_backward, setup_context=_setup_context)
 
-# What kernels.edm_input calls: the same formula, in a form torch.func accepts (kernels/_autograd.py).
-EdmInput = op_function("EdmInput", torch.ops.dtql.edm_input, _setup_context, _backward)
+
+class EdmInput(torch.autograd.Function):
+    """torch.ops.dtql.edm_input with the formula registered above, as a class of its own: torch.func
+    transforms (the training step's torch.func.grad) refuse the autograd.Function that register_autograd
+    generates, which has no setup_context (pytorch/pytorch#170834). Its backward node is EdmInputBackward."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.dtql.edm_input(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def edm_input(x: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, t1: torch.Tensor,
+              t2: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """The diffusion net's first-layer input for K noise levels per row: z (..., B*K, width(A + S + 16)).
+    Drop-in for dtql_fast.fastnets.diffusion_input (which takes the packed time-MLP layers t1, t2 in a dict).
+
+    Gradient to x and to the packed time-MLP layers t1, t2. Differentiable with .backward(),
+    torch.autograd.grad and torch.func.grad, eager or compiled.
+    """
+    return EdmInput.apply(*map(traceable, (x, s, sigma, noise, t1, t2)), float(sigma_data))[0]

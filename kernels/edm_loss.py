@@ -45,8 +45,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
-from ._autograd import op_function
-from ._common import check_group_shapes, require_float32, uses_triton
+from dtql_fast.edm import SIGMA_DATA
+
+from ._common import check_group_shapes, require_float32, traceable, uses_triton
 
 # Elements of one (rows x actions) tile per loop iteration; up to _ONE_PROGRAM elements in all,
 # one program per group does the whole loss (and its sum). The op is launch-bound at the
@@ -203,7 +204,32 @@ def _backward(ctx, grad, _grad_loss, _grad_dF, _grad_dx):
     return g * dF, g * dx, None, None, None, None, None, None
 
 
+# The op's own autograd: torch.ops.dtql.edm_loss is differentiable wherever it is called (opcheck tests it).
 edm_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
-# What kernels.edm_loss calls: the same formula, in a form torch.func accepts (kernels/_autograd.py).
-EdmLoss = op_function("EdmLoss", torch.ops.dtql.edm_loss, _setup_context, _backward)
+
+class EdmLoss(torch.autograd.Function):
+    """torch.ops.dtql.edm_loss with the formula registered above, as a class of its own: torch.func
+    transforms (the training step's torch.func.grad) refuse the autograd.Function that register_autograd
+    generates, which has no setup_context (pytorch/pytorch#170834). Its backward node is EdmLossBackward."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.dtql.edm_loss(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def edm_loss(F: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+             max_action: float | None, weight: float = 1.0,
+             sigma_data: float = SIGMA_DATA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * loss, loss): the EDM loss of denoiser output F (..., B*K, A) at clean actions x,
+    one per group. max_action=None leaves D unclamped. Only the first is differentiable (in F and
+    x, both paths through x); the second is for metrics. Differentiable with .backward(),
+    torch.autograd.grad and torch.func.grad, eager or compiled.
+    """
+    clamp = max_action is not None
+    out = EdmLoss.apply(*map(traceable, (F, x, sigma, noise)), float(max_action) if clamp else 0.0, clamp,
+                        float(sigma_data), float(weight))
+    return out[0], out[1]

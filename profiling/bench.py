@@ -24,7 +24,7 @@ after the other, so every one of them is checked against the reference run of th
 Variants: reference (ReferenceDTQL.train_step), eager (FastDTQL.train_step, torch kernels),
 compile (torch.compile(train_step, fullgraph=True)), compile-triton (the same with
 set_kernels("triton"); on CPU the ops' PyTorch implementation runs), cudagraph and
-cudagraph-triton (CUDA only: the compiled step captured by update.CUDAGraphStep around a closure
+cudagraph-triton (CUDA only: the compiled step captured by steppers.CUDAGraphStep around a closure
 that copies the step's draws into static buffers).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from dtql_fast.ranges import PHASES, ProfileWindow, parse_window, phase
-from dtql_fast.reporting import cpu_model
+from dtql_fast.runlog import cpu_model
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
 

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, resolve_task, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
-from dtql_fast.reporting import cpu_model
+from dtql_fast.runlog import cpu_model
 from dtql_fast.tasks import TASKS
 
 CATEGORIES = ("matmul", "optimizer", "elementwise", "wrapper", "guards", "other")

@@ -187,7 +187,7 @@ def environment(device: str) -> dict:
     import torch
 
     from dtql_fast.optional import have
-    from dtql_fast.train import hardware
+    from dtql_fast.runlog import hardware
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpu": hardware(torch.device("cpu")), "cores": os.cpu_count(),

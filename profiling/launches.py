@@ -30,7 +30,7 @@ SYNTHETIC_ROWS = 1000
 
 
 def mixed_group(hyper, n: int) -> list:
-    """n agents' settings that differ in every per-agent field (update.PER_AGENT), cycling: the group the
+    """n agents' settings that differ in every per-agent field (hyper.PER_AGENT), cycling: the group the
     --mixed count compiles (and a grid of tasks x settings x seeds would)."""
     cycle = [dict(alpha=1.0, gamma=0.0, lr_decay=True), dict(alpha=5.0, gamma=1.0, lr_decay=False, lr=1e-4),
              dict(alpha=20.0, gamma=0.0, lr_decay=False, expectile=0.9, discount=0.95),
@@ -51,7 +51,7 @@ def mixed_datasets(data, n: int) -> tuple[list, list[int]]:
 def _capture(task: str, kernels: str, seeds: int | None, mixed: bool = False):
     """Dynamo's one graph of StepRunner('compile') for `task`'s shapes, captured on the CPU."""
     import torch
-    from dtql_fast import update
+    from dtql_fast import steppers, update
     from dtql_fast.profiling.bench import SHAPES, resolve_task
     from dtql_fast.tasks import TASKS
     from dtql_fast.transitions import Transitions
@@ -81,7 +81,7 @@ def _capture(task: str, kernels: str, seeds: int | None, mixed: bool = False):
     real_compile = torch.compile
     torch.compile = lambda fn, **kw: real_compile(fn, backend=backend, **kw)
     try:
-        runner = update.StepRunner(agent, data, mode="compile")
+        runner = steppers.StepRunner(agent, data, mode="compile")
     finally:
         torch.compile = real_compile
     runner()

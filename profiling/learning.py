@@ -41,10 +41,12 @@ import torch
 
 from dtql_fast.seeds import format_seeds, parse_seeds
 from dtql_fast.runfolder import CONFIG, METRICS, SUMMARY
-from dtql_fast.train import env_seed  # every variant plays the envs train's evaluation plays
+from dtql_fast.evaluate import env_seed  # every variant plays the envs train's evaluation plays
 
 VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
-LOSSES = (("loss_bc", "behaviour cloning"), ("loss_tr", "trust region"), ("loss_pq", "policy: -Q"))
+LOSSES = (("loss_bc", "behaviour cloning"), ("loss_tr", "trust region"), ("loss_pq", "policy: -Q"),
+          ("loss_critic", "critic: V + twin Q"), ("q_mean", "Q of the data's actions"), ("v_mean", "V"))
+LAST = 3  # "the end of a run": the mean of each seed's last LAST evaluations (one evaluation is noisy)
 
 
 # -- the release, driven as its main.py drives it ------------------------------------------------
@@ -62,8 +64,48 @@ class _ReleaseSampler:
         return self.state[ind], self.action[ind], self.next_state[ind], self.reward[ind], self.not_done[ind]
 
 
+RELEASE_CHECKPOINT = "release-checkpoint.pt"
+
+
+def _release_state(agent, step: int, metrics_bytes: int) -> dict:
+    """Everything the release's loop carries from one step to the next: networks, optimisers, schedulers,
+    its step counter and EMA target, and every RNG its draws come from (the global torch one: batches,
+    noise, acting), so a resumed seed continues the very same run."""
+    import random as _random
+    nets = ("bc_actor", "bc_actor_target", "critic", "critic_target", "distill_actor", "distill_actor_target")
+    opts = ("critic_optimizer", "bc_actor_optimizer", "distill_actor_optimizer")
+    scheds = [k for k in ("critic_lr_scheduler", "bc_actor_lr_scheduler", "distill_actor_lr_scheduler")
+              if hasattr(agent, k)]
+    return {"step": step, "metrics_bytes": metrics_bytes, "agent_step": agent.step,
+            "nets": {k: getattr(agent, k).state_dict() for k in nets},
+            "opts": {k: getattr(agent, k).state_dict() for k in opts},
+            "scheds": {k: getattr(agent, k).state_dict() for k in scheds},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": _random.getstate()}}
+
+
+def _load_release_state(agent, state: dict):
+    import random as _random
+    for k, sd in state["nets"].items():
+        getattr(agent, k).load_state_dict(sd)
+    for group in ("opts", "scheds"):
+        for k, sd in state[group].items():
+            getattr(agent, k).load_state_dict(sd)
+    agent.step = state["agent_step"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    _random.setstate(state["rng"]["random"])
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: Path,
                 episodes: int | None = None, log_every: int = 1000) -> dict:
+    """One seed of the release, as its main.py runs it; resumable: a checkpoint after pretraining and after
+    every evaluation (RNG states included), and a second call continues from the last one bit for bit."""
     from dtql_fast.data import load_dataset
     from dtql_fast.evaluate import evaluate
 
@@ -83,27 +125,63 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
                  expectile=h.expectile, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, tau=h.tau, gamma=h.gamma,
                  repeats=h.num_candidates)
     env.close()
+    # Q of the data's actions and V on the batch the critic trains on, as ours logs them (q_mean, v_mean):
+    # extra forward passes of a critic without randomness, so the release's draws are untouched.
+    probe = {"q": 0.0, "v": 0.0, "n": 0}
+    critic_loss = agent.q_v_critic_loss
+
+    def probed_critic_loss(state, action, next_state, reward, not_done):
+        with torch.no_grad():
+            probe["q"] += agent.critic.q_min(state, action).mean().item()
+            probe["v"] += agent.critic.v(state).mean().item()
+            probe["n"] += 1
+        return critic_loss(state, action, next_state, reward, not_done)
+
+    agent.q_v_critic_loss = probed_critic_loss
     sampler = _ReleaseSampler(data)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / METRICS, "w")
-    (out / CONFIG).write_text(json.dumps({"variant": "release", "src": str(src), "task": task,
-                                                 "dataset": dataset, "seed": seed, "hyper": h.__dict__}, indent=2))
-    spe, t0 = h.steps_per_epoch, time.perf_counter()
+    spe = h.steps_per_epoch
     pre_total = h.pretrain_epochs * spe
+    done, wall_before = 0, 0.0
+    ckpt_path = out / RELEASE_CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _load_release_state(agent, state)
+        done, wall_before = state["step"], state.get("wall_s", 0.0)
+        with open(out / METRICS, "r+b") as f:  # rows written after the checkpoint are written again
+            f.truncate(state["metrics_bytes"])
+        print(f"release seed {seed}: resumed at step {done} of {pre_total + h.total_steps}", flush=True)
+    else:
+        (out / METRICS).write_text("")
+    (out / CONFIG).write_text(json.dumps({"variant": "release", "src": str(src), "task": task,
+                                          "dataset": dataset, "seed": seed, "hyper": h.__dict__}, indent=2))
+    log = open(out / METRICS, "a")
+    t0 = time.perf_counter() - wall_before
 
     def write(row):
         log.write(json.dumps(row) + "\n")
         log.flush()
 
+    def checkpoint(step):
+        state = _release_state(agent, step, log.tell())
+        state["wall_s"] = time.perf_counter() - t0
+        _save_atomic(state, ckpt_path)
+
     def act_fn(states):  # the release's own acting rule, one state at a time
         return torch.as_tensor(np.stack([agent.sample_action(s.numpy()) for s in states]), dtype=torch.float32)
 
-    for start in range(0, pre_total, log_every):
+    for start in range(done, pre_total, log_every):
         n = min(log_every, pre_total - start)
         agent.pretrain(sampler, h.batch_size, n)
-        write({"kind": "train", "phase": "pretrain", "step": start + n, "loss_bc": agent.bc_loss.item()})
+        write({"kind": "train", "phase": "pretrain", "step": start + n, "loss_bc": agent.bc_loss.item(),
+               "q_mean": probe["q"] / max(probe["n"], 1), "v_mean": probe["v"] / max(probe["n"], 1)})
+        probe.update(q=0.0, v=0.0, n=0)
+    if done < pre_total:
+        checkpoint(pre_total)
     sums, last = {}, None
-    for i in range(1, h.total_steps + 1):
+    first = max(done - pre_total, 0) + 1
+    t_train = time.perf_counter()
+    for i in range(first, h.total_steps + 1):
         m = agent.train(sampler, batch_size=h.batch_size)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v[0]
@@ -112,19 +190,94 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
             write({"kind": "train", "phase": "train", "step": pre_total + i, "loss_bc": sums["bc_loss"] / n,
                    "loss_tr": sums["distill_loss"] / n, "loss_pq": sums["ql_loss"] / n,
                    "loss_critic": sums["critic_loss"] / n, "loss_policy": sums["actor_loss"] / n,
-                   "steps_per_s": i / (time.perf_counter() - t0)})
+                   "q_mean": probe["q"] / max(probe["n"], 1), "v_mean": probe["v"] / max(probe["n"], 1),
+                   "lr": agent.distill_actor_optimizer.param_groups[0]["lr"],
+                   "steps_per_s": (i - first + 1) / (time.perf_counter() - t_train)})
             sums = {}
+            probe.update(q=0.0, v=0.0, n=0)
         if i % spe == 0 and ((i // spe) % h.eval_every == 0 or i == h.total_steps):
             res = evaluate(act_fn, loaded.make_env, episodes or loaded.task.eval_episodes, seed=env_seed(seed),
                            task=loaded.task)
             last = {"kind": "eval", "step": pre_total + i, "epoch": i // spe, **res}
             write(last)
             print(f"release seed {seed} step {pre_total + i}: score {res['score_mean']}", flush=True)
+            checkpoint(pre_total + i)
     log.close()
+    if last is None:  # resumed after the final evaluation
+        last = [json.loads(r) for r in open(out / METRICS) if '"eval"' in r][-1]
     summary = {"variant": "release", "seed": seed, "steps": pre_total + h.total_steps,
-               "score_mean": last["score_mean"] if last else None, "wall_s": time.perf_counter() - t0}
+               "score_mean": last["score_mean"], "wall_s": time.perf_counter() - t0}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# -- the evaluator swap: which side's networks, which side's acting rule --------------------------
+
+RELEASE_NETS = {"diffusion": "bc_actor", "critic": "critic", "critic_target": "critic_target", "policy": "distill_actor"}
+
+
+def networks_of(folder: Path, seed: int | None = None) -> tuple[dict[str, dict], int]:
+    """(our-layout state dicts of the four networks, step) of a release seed's folder (its resume checkpoint)
+    or one of ours (checkpoint.pt; a group's agent by `seed`). The release's tensors are ours in the same
+    order under other names (dtql_fast/nets.py mirrors its layers), so they are mapped by position."""
+    from dtql_fast.checkpoint import agent_state, load_latest
+    from dtql_fast.nets import Critic, DiffusionNet, GaussianPolicy
+
+    if (folder / RELEASE_CHECKPOINT).exists():
+        state = torch.load(folder / RELEASE_CHECKPOINT, map_location="cpu", weights_only=False)
+        cfg = json.loads((folder / CONFIG).read_text())
+        S, A = state["nets"]["critic"]["v_model.0.weight"].shape[1], state["nets"]["bc_actor"]["layers.layers.7.weight"].shape[0]
+        shells = {"diffusion": DiffusionNet(S, A, 256), "critic": Critic(S, A, 256), "critic_target": Critic(S, A, 256),
+                  "policy": GaussianPolicy(S, A, 256, cfg["hyper"]["max_action"])}
+        return ({k: dict(zip(m.state_dict(), state["nets"][RELEASE_NETS[k]].values())) for k, m in shells.items()},
+                state["step"])
+    latest = load_latest(folder, map_location="cpu")
+    st = agent_state(latest.ckpt)
+    i = 0 if seed is None else st["seeds"].index(seed)
+    return {k: v[i] for k, v in st["modules"].items()}, latest.ckpt["step"]
+
+
+def swap(src: Path, folders: list[Path], task: str, dataset: str, episodes: int, seed: int | None) -> list[dict]:
+    """Every folder's networks scored twice on the same envs: by our acting rule (ReferenceDTQL.act, which
+    FastDTQL.act equals; candidates drawn from evaluation's generator) and by the release's own
+    `sample_action` loop (one state at a time, the global RNG). A difference between two folders that
+    persists under both rules lies in training; one that appears under one rule only lies in evaluation."""
+    from dtql_fast.data import load_dataset
+    from dtql_fast.evaluate import evaluate, make_act_fn
+    from dtql_fast.reference import ReferenceDTQL
+
+    sys.path.insert(0, str(src))
+    from agents.dtql import DTQL
+
+    loaded = load_dataset(task, dataset, "cpu")
+    h, S, A = loaded.task.hyper, loaded.transitions.state_dim, loaded.transitions.action_dim
+    env = loaded.make_env()
+    space = env.action_space
+    env.close()
+    rows = []
+    for folder in folders:
+        nets, step = networks_of(folder, seed)
+        ours = ReferenceDTQL(S, A, h)
+        for k, m in ours.modules().items():
+            m.load_state_dict(nets[k])
+        theirs = DTQL(device="cpu", state_dim=S, action_dim=A, action_space=space, repeats=h.num_candidates)
+        for k, m in ours.modules().items():
+            getattr(theirs, RELEASE_NETS[k]).load_state_dict(dict(zip(getattr(theirs, RELEASE_NETS[k]).state_dict(),
+                                                                       m.state_dict().values())))
+        s = seed if seed is not None else json.loads((folder / CONFIG).read_text()).get("seed", 0)
+        ours_act = make_act_fn(ours.act, A, h.num_candidates, generator=torch.Generator().manual_seed(s))
+        torch.manual_seed(s)
+        theirs_act = lambda states: torch.as_tensor(  # noqa: E731
+            np.stack([theirs.sample_action(x.numpy()) for x in states]), dtype=torch.float32)
+        row = {"folder": str(folder), "step": step, "env_seed": env_seed(s)}
+        for rule, fn in (("our_rule", ours_act), ("release_rule", theirs_act)):
+            res = evaluate(fn, loaded.make_env, episodes, seed=env_seed(s), task=loaded.task)
+            row[rule] = {k: res[k] for k in ("score_mean", "score_std", "return_mean", "lengths")}
+        print(f"{folder} (step {step}): our rule {row['our_rule']['score_mean']:.1f} "
+              f"± {row['our_rule']['score_std']:.1f}, the release's {row['release_rule']['score_mean']:.1f} "
+              f"± {row['release_rule']['score_std']:.1f}", flush=True)
+        rows.append(row)
+    return rows
 
 
 # -- ours, through the trainer's own command ------------------------------------------------------
@@ -173,7 +326,11 @@ def run(args) -> None:
 # -- the report --------------------------------------------------------------------------------
 
 def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in open(folder / METRICS) if line.strip()]
+    rows = [json.loads(line) for line in open(folder / METRICS) if line.strip()]
+    for r in rows:  # ours logs the critic's two terms, the release their sum
+        if "loss_critic" not in r and r.get("loss_v") is not None and r.get("loss_q") is not None:
+            r["loss_critic"] = r["loss_v"] + r["loss_q"]
+    return rows
 
 
 def read_variant(folder: Path) -> dict[int, list[dict]]:
@@ -204,15 +361,53 @@ def _stats(xs: list[float]) -> dict:
 
 
 def summarise(per_seed: dict[int, list[dict]]) -> dict:
-    finals, bests = [], []
+    finals, bests, lasts = [], [], []
     for rows in per_seed.values():
         ev = [r for r in rows if r["kind"] == "eval" and r.get("score_mean") is not None]
         if ev:
             finals.append(ev[-1]["score_mean"])
             bests.append(max(r["score_mean"] for r in ev))
+            lasts.append(statistics.fmean(r["score_mean"] for r in ev[-LAST:]))
     if not finals:
         return {}
-    return {"final": _stats(finals), "best": _stats(bests), "seeds": sorted(per_seed)}
+    return {"final": _stats(finals), "best": _stats(bests), "last3": _stats(lasts), "seeds": sorted(per_seed)}
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """Welch's two-sample t-test of mean(a) - mean(b), and what it can detect: `mde` is the difference
+    it finds at the 5% level 80% of the time with these sample sizes and spreads (normal samples)."""
+    from scipy import stats as st
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return {"diff": statistics.fmean(a) - statistics.fmean(b), "n": [na, nb]}
+    va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+    se = math.sqrt(va + vb)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    df = (va + vb) ** 2 / ((va ** 2 / (na - 1) if va else 0.0) + (vb ** 2 / (nb - 1) if vb else 0.0) or 1e-300)
+    t = diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
+    p = float(2 * st.t.sf(abs(t), df)) if se > 0 else (0.0 if diff else 1.0)
+    mde = float((st.t.ppf(0.975, df) + st.t.ppf(0.8, df)) * se)
+    return {"diff": diff, "se": se, "t": t, "df": df, "p": p, "mde80": mde, "n": [na, nb]}
+
+
+def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = "release") -> list[dict]:
+    """At every evaluation step that every variant's every seed reached: each variant's mean and standard
+    error over its seeds, and Welch's test against `reference`."""
+    scores = {v: {} for v in variants}
+    for v, d in variants.items():
+        for rows in d.values():
+            for r in rows:
+                if r["kind"] == "eval" and r.get("score_mean") is not None:
+                    scores[v].setdefault(r["step"], []).append(r["score_mean"])
+    common = sorted(set.intersection(*(set(k for k, x in scores[v].items() if len(x) == len(variants[v]))
+                                       for v in variants))) if variants else []
+    out = []
+    for step in common:
+        row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants}}
+        if reference in variants:
+            row["vs"] = {v: welch(scores[v][step], scores[reference][step]) for v in variants if v != reference}
+        out.append(row)
+    return out
 
 
 def agreement(a: dict, b: dict) -> dict:
@@ -253,11 +448,17 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             if v != "release" and t:
                 t["vs_release_final"] = agreement(t["final"], table["release"]["final"])
                 t["vs_release_best"] = agreement(t["best"], table["release"]["best"])
+                t["welch_last3"] = welch(t["last3"]["values"], table["release"]["last3"]["values"])
+    evals = per_evaluation(variants)
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 1 + len(LOSSES), figsize=(5 * (1 + len(LOSSES)), 4))
+    panels = [("eval", "score_mean", "normalised score")] + [("train", k, t) for k, t in LOSSES]
+    cols = 4
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 4 * -(-len(panels) // cols)))
+    axes = axes.flatten()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for v, d in variants.items():
-        for ax, (kind, key, title) in zip(axes, [("eval", "score_mean", "normalised score")] +
-                                          [("train", k, t) for k, t in LOSSES]):
+        for ax, (kind, key, title) in zip(axes, panels):
             x, m, se = curves(d, kind, key)
             if len(x):
                 ax.plot(x, m, label=f"{v} (n={len(d)})")
@@ -285,10 +486,32 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                      f"{b['mean']:.1f} ± {b['std']:.1f} (± {b['se']:.1f}) | {vs_txt} |")
     if not all(t.get("finished", True) for t in table.values()):
         lines += ["", "† not finished: its latest evaluation counts as final."]
+    welched = {v: t["welch_last3"] for v, t in table.items() if t and "welch_last3" in t}
+    if welched:
+        lines += ["", f"Each seed's mean over its last {LAST} evaluations, against the release (Welch's t-test; "
+                  "mde80: the difference this test detects at the 5% level with 80% probability, given these "
+                  "seeds' spreads; a smaller difference can hide here):", "",
+                  "| variant | mean ± se | release mean ± se | diff | t | df | p | mde80 |", "|---|---|---|---|---|---|---|---|"]
+        rel = table["release"]["last3"]
+        for v, w in welched.items():
+            m = table[v]["last3"]
+            lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
+                         + (f"{w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | {w['mde80']:.1f} |"
+                            if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |"))
+    if evals and "vs" in evals[0]:
+        others = [v for v in variants if v != "release"]
+        lines += ["", "At every evaluation: mean ± se over seeds; for each variant, Welch's p against the release.", "",
+                  "| step | release | " + " | ".join(f"{v} | p" for v in others) + " |",
+                  "|---|---|" + "---|---|" * len(others)]
+        for e in evals:
+            rel = e["variants"]["release"]
+            cells = [f"{e['variants'][v]['mean']:.1f} ± {e['variants'][v]['se']:.1f} | "
+                     + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-") for v in others]
+            lines.append(f"| {e['step']} | {rel['mean']:.1f} ± {rel['se']:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
-    (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table},
-                                               indent=2, default=float))
+    (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table,
+                                                "per_evaluation": evals}, indent=2, default=float))
     print(text)
     return table
 
@@ -310,6 +533,14 @@ def main(argv=None):
     r.add_argument("--steps-per-epoch", type=int, default=1000)
     r.add_argument("--eval-episodes", type=int)
     r.add_argument("--out", type=Path, required=True)
+    w = sub.add_parser("swap", help="score run folders' networks under both acting rules (ours, the release's)")
+    w.add_argument("folders", type=Path, nargs="+", help="release seed folders (release/seedS) or run folders of ours")
+    w.add_argument("--release-src", type=Path, required=True)
+    w.add_argument("--task", default="walker2d-medium-v2")
+    w.add_argument("--dataset", required=True)
+    w.add_argument("--episodes", type=int, default=10)
+    w.add_argument("--seed", type=int, help="a group folder's agent (default: the folder's own seed)")
+    w.add_argument("--json", type=Path)
     q = sub.add_parser("report", help="the figure and table of a run's folder")
     q.add_argument("root", type=Path)
     q.add_argument("--out", type=Path, required=True)
@@ -323,6 +554,12 @@ def main(argv=None):
             p.error("--variants release needs --release-src PATH (a checkout of the authors' release)")
         torch.set_num_threads(1)
         run(a)
+    elif a.cmd == "swap":
+        torch.set_num_threads(1)
+        rows = swap(a.release_src, a.folders, a.task, a.dataset, a.episodes, a.seed)
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(rows, indent=1))
     else:
         report(a.root, a.out, a.behaviour_score)
 

@@ -5,8 +5,9 @@
 
 PATH is a checkout of github.com/typoverflow/flow-rl that the user supplies; nothing of it is copied
 here. Its DTQL agent (`flowrl/agent/offline/dtql.py`) is imported as shipped, which needs its own
-stack: `pip install "dtql_fast[peer]"` (jax 0.5.3, flax 0.10.5, distrax, optax, orbax, hydra; the
-versions FlowRL pins). Not part of CI.
+stack: `pip install "dtql_fast[peer]"` (jax 0.10.2, flax 0.12.8, distrax, optax, orbax, hydra: the newest
+releases its code runs on, not the jax 0.5.3 it pins, under which its update ran about twice as slow; the
+peer is measured at its best). The JAX version is printed and written beside every figure. Not part of CI.
 
 Three steps at the task's shapes and batch, fed synthetic batches:
 - ours: the compiled training step (StepRunner "compile": batch sampling, draws and the update);
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     from dtql_fast.profiling.bench import machine_info
     from dtql_fast.profiling.variants import SHAPES, resolve_task, synthetic_transitions
     from dtql_fast.tasks import TASKS
-    from dtql_fast.update import FastDTQL, StepRunner
+    from dtql_fast.steppers import StepRunner
+    from dtql_fast.update import FastDTQL
 
     torch.set_num_threads(1)
     if a.isa != "native" and torch.backends.cpu.get_cpu_capability().lower() != a.isa:

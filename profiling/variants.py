@@ -18,7 +18,8 @@ from dtql_fast.ranges import ProfileWindow, phase
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS, WIDTHS, Hyper
 from dtql_fast.transitions import Transitions
-from dtql_fast.update import METRICS, CUDAGraphStep, FastDTQL
+from dtql_fast.steppers import CUDAGraphStep
+from dtql_fast.update import METRICS, FastDTQL
 from dtql_fast.profiling.equivalence import FLOOR_ULP
 
 VARIANTS = ("reference", "eager", "compile", "compile-triton", "cudagraph", "cudagraph-triton")

@@ -17,7 +17,7 @@ their tensors landed, which compiled first); alternating blocks do not remove th
 percent needs confirming in fresh processes (profiling/results/breakdown/inductor-options/realize-reads/).
 
 Training on a CPU compiles with the C++ wrapper since this measured its shorter compile
-(dtql_fast.compiling.inductor_options; the README's "Where the compile time goes").
+(dtql_fast.compiling.inductor_options; docs/performance.md, "Where the compile time goes").
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch
 
 from dtql_fast.profiling.variants import SHAPES, make_draws, resolve_task, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
-from dtql_fast.reporting import cpu_model
+from dtql_fast.runlog import cpu_model
 from dtql_fast.tasks import TASKS
 from dtql_fast.update import FastDTQL
 

@@ -10,7 +10,7 @@ from dtql_fast.profiling import gpu_check, seeds_bench
 from dtql_fast.profiling.variants import SHAPES, Variant, make_draws, synthetic_transitions
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS
-from dtql_fast.update import CUDAGraphStep
+from dtql_fast.steppers import CUDAGraphStep
 from test_train import straight_and_resumed
 from tree import tensors
 

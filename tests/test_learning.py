@@ -2,6 +2,7 @@
 themselves are opt-in, not CI: they take hours)."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -71,3 +72,125 @@ def test_ours_commands_are_the_trainers():
     assert singles[0][singles[0].index("--out") + 1] == "o/single-eager/seed3"
     for flag, value in (("--epochs", "5"), ("--eval-episodes", "4"), ("--steps-per-epoch", "100"), ("--threads", "1")):
         assert group[0][group[0].index(flag) + 1] == value
+
+
+def test_welch_is_scipys_unequal_variance_test_and_states_its_power():
+    from scipy import stats as st
+    a, b = [50.0, 60.0, 70.0, 64.0, 58.0], [52.0, 58.0, 61.0, 49.0]
+    w = learning.welch(a, b)
+    ref = st.ttest_ind(a, b, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+    # mde80: the difference found 80% of the time at the 5% level; a difference that large has p near 0.05 or
+    # below once observed, a much smaller one does not
+    shifted = learning.welch([x + w["mde80"] - w["diff"] for x in a], b)
+    assert shifted["p"] < 0.05
+    assert learning.welch([x - w["diff"] + 0.1 * w["mde80"] for x in a], b)["p"] > 0.5
+
+
+def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path):
+    root = tmp_path / "cmp"
+    for s, scores in enumerate([[10, 40, 44], [20, 50, 48], [30, 45, 47]]):
+        _write(root / "release" / f"seed{s}", _seed_rows(scores))
+    _write(root / "group-compiled", [r for s, sc in enumerate([[12, 38], [25, 52], [28, 44]])
+                                     for r in _seed_rows(sc, seed=s)])  # one evaluation behind
+    variants = {v: learning.read_variant(root / v) for v in ("release", "group-compiled")}
+    rows = learning.per_evaluation(variants)
+    assert [r["step"] for r in rows] == [1000, 2000]
+    assert rows[1]["variants"]["release"]["values"] == [40, 50, 45]
+    assert rows[1]["vs"]["group-compiled"]["diff"] == pytest.approx(statistics.fmean([38, 52, 44]) - 45.0)
+    table = learning.report(root, tmp_path / "out")
+    assert table["release"]["last3"]["values"] == pytest.approx([94 / 3, 118 / 3, 122 / 3])
+    assert table["group-compiled"]["last3"]["values"] == pytest.approx([25.0, 38.5, 36.0])
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| 2000 | 45.0 ± 2.9 |" in text and "mde80" in text
+
+
+FAKE_RELEASE = '''
+import torch, torch.nn as nn
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+class _Critic(nn.Module):
+    def __init__(self, S, A):
+        super().__init__(); self.q = nn.Linear(S + A, 1); self.vn = nn.Linear(S, 1)
+    def q_min(self, s, a): return self.q(torch.cat([s, a], -1))
+    def v(self, s): return self.vn(s)
+
+class DTQL:
+    """The release's interface, a few layers deep: its draws come from the global RNG, as the release's."""
+    def __init__(self, device, state_dim, action_dim, action_space, lr_decay=False, lr_maxt=1, repeats=4, **kw):
+        S, A = state_dim, action_dim
+        self.critic, self.bc_actor, self.distill_actor = _Critic(S, A), nn.Linear(S + A, A), nn.Linear(S, A)
+        self.critic_target, self.bc_actor_target, self.distill_actor_target = _Critic(S, A), nn.Linear(S + A, A), nn.Linear(S, A)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters())
+        self.bc_actor_optimizer = torch.optim.Adam(self.bc_actor.parameters())
+        self.distill_actor_optimizer = torch.optim.Adam(self.distill_actor.parameters())
+        if lr_decay:
+            self.critic_lr_scheduler = CosineAnnealingLR(self.critic_optimizer, T_max=lr_maxt)
+        self.step, self.A = 0, A
+    def q_v_critic_loss(self, s, a, s2, r, nd):
+        return ((self.critic.q_min(s, a) - r) ** 2).mean() + (self.critic.v(s) ** 2).mean()
+    def _bc(self, s, a):
+        noise = torch.randn_like(a)
+        return ((self.bc_actor(torch.cat([s, a + noise], -1)) - a) ** 2).mean()
+    def pretrain(self, buf, batch_size, steps):
+        for _ in range(steps):
+            s, a, s2, r, nd = buf.sample(batch_size)
+            loss = self._bc(s, a); self.bc_actor_optimizer.zero_grad(); loss.backward(); self.bc_actor_optimizer.step()
+            self.bc_loss = loss
+            c = self.q_v_critic_loss(s, a, s2, r, nd); self.critic_optimizer.zero_grad(); c.backward(); self.critic_optimizer.step()
+    def train(self, buf, batch_size):
+        s, a, s2, r, nd = buf.sample(batch_size)
+        c = self.q_v_critic_loss(s, a, s2, r, nd); self.critic_optimizer.zero_grad(); c.backward(); self.critic_optimizer.step()
+        bc = self._bc(s, a); self.bc_actor_optimizer.zero_grad(); bc.backward(); self.bc_actor_optimizer.step()
+        pi = torch.tanh(self.distill_actor(s) + torch.randn(len(s), self.A))
+        q = -self.critic.q_min(s, pi).mean(); self.distill_actor_optimizer.zero_grad(); q.backward()
+        self.distill_actor_optimizer.step()
+        self.step += 1
+        if hasattr(self, "critic_lr_scheduler"):
+            self.critic_lr_scheduler.step()
+        return {"bc_loss": [bc.item()], "distill_loss": [0.0], "ql_loss": [q.item()], "critic_loss": [c.item()],
+                "actor_loss": [q.item()]}
+    def sample_action(self, state):
+        s = torch.as_tensor(state, dtype=torch.float32)[None]
+        return torch.tanh(self.distill_actor(s) + 0.1 * torch.randn(1, self.A))[0].detach().numpy()
+'''
+
+
+def test_a_release_seed_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """An interrupted release seed continues from its checkpoint: the same rows as one run straight through."""
+    from dtql_fast.profiling import gpu_check
+    import dtql_fast.evaluate as ev
+
+    src = tmp_path / "release"
+    (src / "agents").mkdir(parents=True)
+    (src / "agents" / "__init__.py").write_text("")
+    (src / "agents" / "dtql.py").write_text(FAKE_RELEASE)
+    data = str(gpu_check.write_d4rl(tmp_path / "d.hdf5", 11, 3, rows=500))
+    over = {"epochs": 4, "pretrain_epochs": 1, "eval_every": 1, "steps_per_epoch": 10, "lr_decay": True}
+    monkeypatch.syspath_prepend(str(src))
+    learning.run_release(src, "hopper-medium-v2", data, 3, over, tmp_path / "straight", episodes=1, log_every=5)
+    real, calls = ev.evaluate, []
+
+    def stop_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        learning.run_release(src, "hopper-medium-v2", data, 3, over, tmp_path / "resumed", episodes=1, log_every=5)
+    monkeypatch.setattr(ev, "evaluate", real)
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    learning.run_release(src, "hopper-medium-v2", data, 3, over, tmp_path / "resumed", episodes=1, log_every=5)
+
+    def rows(folder):
+        out = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        for r in out:
+            for k in ("steps_per_s", "wall_s"):
+                r.pop(k, None)
+        return out
+
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert len([r for r in straight if r["kind"] == "eval"]) == 4
+    assert resumed == straight

@@ -17,7 +17,9 @@ from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import AgentData, DatasetError, Transitions
 from dtql_fast.train import parse_args
-from dtql_fast.update import METRICS, FastDTQL, GroupMismatch, StepRunner
+from dtql_fast.groups import GroupMismatch
+from dtql_fast.steppers import StepRunner
+from dtql_fast.update import METRICS, FastDTQL
 from exact_reference import RoundOff
 from test_train import TINY, straight_and_resumed
 from tree import tensors

@@ -8,7 +8,8 @@ import torch
 from dtql_fast.ranges import PHASES, ProfileWindow, parse_window, phase
 from dtql_fast.tasks import Hyper
 from dtql_fast.transitions import Transitions
-from dtql_fast.update import FastDTQL, StepRunner
+from dtql_fast.steppers import StepRunner
+from dtql_fast.update import FastDTQL
 
 
 def _agent():

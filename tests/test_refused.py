@@ -168,7 +168,8 @@ import sys, torch
 from dtql_fast import footprint
 from dtql_fast.tasks import TASKS
 from dtql_fast.transitions import Transitions
-from dtql_fast.update import FastDTQL, StepRunner
+from dtql_fast.steppers import StepRunner
+from dtql_fast.update import FastDTQL
 torch.set_num_threads(1)
 n, h, S, A, N = int(sys.argv[1]), TASKS["hopper-medium-v2"].hyper, 11, 3, 4000
 data = Transitions(torch.randn(N, S), torch.rand(N, A) * 2 - 1, torch.randn(N, 1), torch.randn(N, S), torch.ones(N, 1))

@@ -343,6 +343,26 @@ def test_time_per_task(tmp_path):
     assert csv_rows["hopper-medium-v2"]["hardware"] == MACHINE
 
 
+def test_time_split_beside_table7(tmp_path):
+    """Where the timed processes' hours went, part by part as shares of their wall time, beside Table 7's hours;
+    a process from before the split counts among the timed runs but not in the split."""
+    parts = {"startup_s": 10.0, "data_s": 20.0, "compile_s": 30.0, "steps_s": 500.0, "eval_s": 5.0,
+             "eval_wait_s": 15.0, "checkpoint_s": 8.0, "logging_s": 7.0, "other_s": 5.0}   # 600 s
+    split = {**_time(40, 10, 600.0, 550.0, 20.0, compile_s=30.0), "split": parts, "eval_off_path_s": 180.0}
+    half = {**split, "total_s": 300.0, "split": {k: v / 2 for k, v in parts.items()}, "eval_off_path_s": 90.0}
+    _run(tmp_path / "w0", "walker2d-medium-v2", 0, [(40, 1.0)], time=split)
+    _run(tmp_path / "w1", "walker2d-medium-v2", 1, [(40, 1.0)], time=half)
+    _run(tmp_path / "w2", "walker2d-medium-v2", 2, [(40, 1.0)], time=_time(40, 10, 600.0, 550.0, 20.0))
+    md, rows, _ = report.report(tmp_path, tmp_path / "out")
+    n, total, seconds, off = rows[0].time.split
+    assert (n, total, off) == (2, 900.0, 270.0) and seconds["steps"] == 750.0 and seconds["eval_wait"] == 22.5
+    shares = " | ".join(f"{100 * v / 600:.1f}%" for v in parts.values())
+    assert f"| walker2d-medium-v2 | 2 of 3 | 0.250 | {shares} | 0.075 | 4.9 |" in md
+    assert "| start-up | data | compile | training steps | evaluation | waiting for evaluation |" in md
+    row = next(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert float(row["steps_s"]) == 750.0 and float(row["eval_off_path_s"]) == 270.0
+
+
 def test_what_could_not_be_read_is_said_per_run_and_strict_fails(tmp_path, capsys):
     """Broken run folders are named with what was wrong; --strict exits non-zero, the report is written anyway."""
     import os

@@ -14,7 +14,9 @@ import torch
 from dtql_fast.draws import Draws, sample_draws
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import Transitions
-from dtql_fast.update import METRICS, FastDTQL, StepRunner, check_seeds
+from dtql_fast.seeds import check_seeds
+from dtql_fast.steppers import StepRunner
+from dtql_fast.update import METRICS, FastDTQL
 from exact_reference import RoundOff
 
 LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_ent", "loss_policy")

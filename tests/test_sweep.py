@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from dtql_fast import checkpoint, runs, sweep
+from dtql_fast import checkpoint, runstatus, sweep
 from dtql_fast.profiling.gpu_check import write_d4rl
 from dtql_fast.sweep import SweepConfig, SweepError, parse_args, run_sweep
 from tree import tensors
@@ -74,12 +74,12 @@ def test_grid_finishes_and_bad_data_fails_alone(grid):
         assert summary["steps"] == TOTAL and [p["seed"] for p in summary["per_seed"]] == [0, 1]
         ck = checkpoint.load(run_dir)
         assert ck["step"] == TOTAL and ck["agent"]["seeds"] == [0, 1]
-        assert runs.read_status(run_dir)["state"] == "finished" and runs.read_status(run_dir)["seeds"] == [0, 1]
-        assert "--seeds 0-1" in (run_dir / runs.LOG).read_text()
+        assert runstatus.read_status(run_dir)["state"] == "finished" and runstatus.read_status(run_dir)["seeds"] == [0, 1]
+        assert "--seeds 0-1" in (run_dir / runstatus.LOG).read_text()
     r = by[BAD]
     assert r.state == "failed" and r.attempts == 1  # a deterministic failure is not retried
     assert "halfcheetah_medium-v2.hdf5" in r.error and "NaN" in r.error and r.error.startswith("error:")
-    st = runs.read_status(sweep.run_dir_for(out, BAD))
+    st = runstatus.read_status(sweep.run_dir_for(out, BAD))
     assert st["state"] == "failed" and st["exit_code"] == 1 and st["error"] == r.error
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["runs"][BAD]["state"] == "failed" and manifest["runs"][GOOD[0]]["state"] == "finished"
@@ -89,14 +89,14 @@ def test_grid_finishes_and_bad_data_fails_alone(grid):
     table = log[log.rindex("task "):].splitlines()
     hopper = next(line for line in table if line.startswith("hopper-medium-v2"))
     assert hopper.split()[1:3] == ["0-1", "finished"] and f"{TOTAL}/{TOTAL}" in hopper
-    evals = [r for r in runs.metric_rows(sweep.run_dir_for(out, GOOD[0]))[1] if r["step"] == TOTAL]
+    evals = [r for r in runstatus.metric_rows(sweep.run_dir_for(out, GOOD[0]))[1] if r["step"] == TOTAL]
     assert float(hopper.split()[5]) == pytest.approx(sum(r["score_mean"] for r in evals) / 2, abs=0.051)
 
 
 def test_rerun_skips_finished_runs_and_retries_failed_ones(grid, data_dir):
     out, _, _ = grid
     good_dirs = [sweep.run_dir_for(out, t) for t in GOOD]
-    before = {d: ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runs.ATTEMPTS).read_text(),
+    before = {d: ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runstatus.ATTEMPTS).read_text(),
                   (d / "metrics.jsonl").read_text()) for d in good_dirs}
     log = io.StringIO()
     results = run_sweep(_cfg(out, data_dir, (*GOOD, BAD)), stream=log)
@@ -104,9 +104,9 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(grid, data_dir):
             in log.getvalue())
     assert sorted(r.state for r in results) == ["failed", "skipped", "skipped"]
     for d in good_dirs:  # nothing trained twice
-        assert ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runs.ATTEMPTS).read_text(),
+        assert ((d / "checkpoint.pt").stat().st_mtime_ns, (d / runstatus.ATTEMPTS).read_text(),
                 (d / "metrics.jsonl").read_text()) == before[d]
-    assert runs.read_status(sweep.run_dir_for(out, BAD))["attempt"] == 2
+    assert runstatus.read_status(sweep.run_dir_for(out, BAD))["attempt"] == 2
 
 
 def test_rerun_with_other_train_settings_is_refused(grid, data_dir):
@@ -141,7 +141,7 @@ def _kill_after_first_checkpoint(run_dir: Path, which: str, done: dict):
     and before the run ends."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        st = runs.read_status(run_dir)
+        st = runstatus.read_status(run_dir)
         if st.get("state") == "running" and (run_dir / "checkpoint.pt").is_file():
             step = checkpoint.load(run_dir)["step"]
             if step < TOTAL:
@@ -168,20 +168,20 @@ def test_killed_runs_are_retried_to_the_uninterrupted_weights(grid, data_dir, tm
         assert done, f"{task}: no checkpoint before the run ended; nothing was killed"
         r = next(r for r in results if r.task == task)
         assert r.state == "finished" and r.attempts == 2, r
-        starts = [a for a in runs.attempts(run_dir) if a["event"] == "start"]
+        starts = [a for a in runstatus.attempts(run_dir) if a["event"] == "start"]
         assert [a["resumed"] for a in starts] == [False, True]
         assert starts[0]["pid"] == done["pid"] != starts[1]["pid"]
         assert not _running(done["pid"])  # the killed attempt left no training process behind
         if which == "pid":  # the training process died from a signal: the worker saw it and Ray retried
-            assert {"event": "end", "state": "killed", "signal": "SIGKILL"}.items() <= runs.attempts(run_dir)[1].items()
+            assert {"event": "end", "state": "killed", "signal": "SIGKILL"}.items() <= runstatus.attempts(run_dir)[1].items()
         step_a, a = _agent_tensors(run_dir)
         step_b, b = _agent_tensors(sweep.run_dir_for(straight, task))
         assert step_a == step_b == TOTAL and a.keys() == b.keys() and len(a) > 100  # both seeds' networks and moments
         for k in a:
             assert torch.equal(a[k], b[k]), (task, k)
         # the evaluations after the resume match too, each seed's, and each (step, seed) is reported once
-        _, evals = runs.metric_rows(run_dir)
-        _, evals_straight = runs.metric_rows(sweep.run_dir_for(straight, task))
+        _, evals = runstatus.metric_rows(run_dir)
+        _, evals_straight = runstatus.metric_rows(sweep.run_dir_for(straight, task))
         assert [(e["step"], e["seed"], e["returns"]) for e in evals] == \
             [(e["step"], e["seed"], e["returns"]) for e in evals_straight]
         assert len(evals) == 3 * 2
@@ -196,7 +196,7 @@ def test_run_killed_more_often_than_max_retries_is_recorded_failed(local_ray, da
     (r,) = run_sweep(_cfg(out, data_dir, GOOD[:1], seeds=(1,), max_retries=0), stream=io.StringIO())
     t.join()
     assert done and r.state == "failed" and r.error.startswith("killed on all 1 attempt(s); Ray gave up")
-    assert runs.read_status(run_dir)["state"] == "failed"
+    assert runstatus.read_status(run_dir)["state"] == "failed"
     assert json.loads((out / "sweep.json").read_text())["runs"][GOOD[0]]["error"] == r.error
 
 
@@ -210,7 +210,7 @@ def test_stopped_run_checkpoints_and_resumes(data_dir, tmp_path):
 
     def stop_once_training():
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not runs.metric_rows(run_dir)[0]:
+        while time.monotonic() < deadline and not runstatus.metric_rows(run_dir)[0]:
             time.sleep(0.02)
         stop.touch()
 
@@ -219,13 +219,13 @@ def test_stopped_run_checkpoints_and_resumes(data_dir, tmp_path):
     first = sweep.execute_run(spec)
     t.join()
     step = checkpoint.load(run_dir)["step"]
-    assert first.state == "interrupted" and runs.read_status(run_dir)["exit_code"] == 130 and 0 < step < TOTAL
-    assert f"stopped at step {step} (SIGINT); checkpoint saved" in (run_dir / runs.LOG).read_text()
+    assert first.state == "interrupted" and runstatus.read_status(run_dir)["exit_code"] == 130 and 0 < step < TOTAL
+    assert f"stopped at step {step} (SIGINT); checkpoint saved" in (run_dir / runstatus.LOG).read_text()
     assert sweep.execute_run(spec).state == "interrupted"  # the stop file holds back any further attempt
     stop.unlink()
     second = sweep.execute_run(spec)
     assert second.state == "finished" and second.attempts == 2 and checkpoint.load(run_dir)["step"] == TOTAL
-    starts = [a for a in runs.attempts(run_dir) if a["event"] == "start"]
+    starts = [a for a in runstatus.attempts(run_dir) if a["event"] == "start"]
     assert [a["resumed"] for a in starts] == [False, True]
 
 
@@ -381,7 +381,7 @@ def test_a_packed_sweep_trains_compatible_tasks_in_one_process(local_ray, pack_d
     assert "2 run(s) (one process each, packed, at most 4 agents each)" in log.getvalue()
     both = sweep.run_dir_for(tmp_path / "packed", results[0].task)
     assert both.name == "walker2d-medium-v2+walker2d-medium-replay-v2"
-    assert "--task walker2d-medium-v2,walker2d-medium-replay-v2 --seeds 0-1" in (both / runs.LOG).read_text()
+    assert "--task walker2d-medium-v2,walker2d-medium-replay-v2 --seeds 0-1" in (both / runstatus.LOG).read_text()
     summary = json.loads((both / "summary.json").read_text())
     assert summary["settings"] == ["task=walker2d-medium-v2", "task=walker2d-medium-replay-v2"]
     _, rows, _ = report.report(tmp_path / "packed", tmp_path / "report")

@@ -13,7 +13,8 @@ from dtql_fast import evaluate as evaluate_mod
 from dtql_fast import train as train_mod
 from dtql_fast.profiling.gpu_check import write_d4rl
 from dtql_fast.tasks import TASKS, get_task
-from dtql_fast.train import ConfigError, parse_args, train
+from dtql_fast.config import ConfigError
+from dtql_fast.train import parse_args, train
 from test_train import straight_and_resumed
 from tree import tensors
 

@@ -31,6 +31,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     text = capsys.readouterr().out
     assert "final: dtql_fast/reacher/scripted-v0 | return" in text and "normalised score" in text
+    assert f"time: {summary['time']['total_s']:.1f} s = start-up " in text  # the final line of where it went
     assert summary["steps"] == 36 and summary["score_mean"] is not None
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -60,6 +61,8 @@ def test_cli_compiled_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "compiled the pretraining step in" in text and "compiled the training step in" in text
     assert summary["compiled_graphs"] == 3
+    t = summary["time"]  # the steps' and acting's compiles counted as compile, not as steps or evaluation
+    assert t["split"]["compile_s"] > 0 and t["compile_s"] == pytest.approx(t["split"]["compile_s"], abs=0.01)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(math.isfinite(r["loss_policy"]) for r in rows if r["kind"] == "train" and r["phase"] == "train")
     assert len([r for r in rows if r["kind"] == "eval"]) == 2

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from dtql_fast import checkpoint, divergence, report, train as train_mod
+from dtql_fast import checkpoint, data as data_mod, divergence, report, train as train_mod
 from dtql_fast.evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from dtql_fast.seeds import SeedListError, format_seeds, parse_seeds
 from dtql_fast.tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER
-from dtql_fast.train import TrainConfig, parse_args, train
+from dtql_fast.config import TrainConfig
+from dtql_fast.train import parse_args, train
 from dtql_fast.update import METRICS, FastDTQL
 from test_evaluate import _toy
 from test_train import TINY, straight_and_resumed
@@ -181,7 +182,7 @@ def test_resume_refuses_another_seed_list(group_run, tmp_path, monkeypatch):
 
     single = tmp_path / "single"
     train(parse_args([*TINY, "--epochs", "1", "--no-eval", "--seed", "4", "--out", str(single)]))
-    monkeypatch.setattr(train_mod, "build_offline_dataset", no_data)
+    monkeypatch.setattr(data_mod, "build_offline_dataset", no_data)
     cases = [
         (out, ["--seeds", "0-2"], f"checkpoint {out / 'checkpoint.pt'} trains the seed group [0, 1] (--seeds 0-1), "
                                   "but this run asks for the seed group [0, 1, 2] (--seeds 0-2)"),

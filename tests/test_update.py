@@ -20,7 +20,9 @@ from dtql_fast.draws import sample_draws
 from dtql_fast.reference import ReferenceDTQL
 from dtql_fast.tasks import TASKS, Hyper
 from dtql_fast.transitions import Transitions
-from dtql_fast.update import METRICS, PRETRAIN_METRICS, Adam, FastDTQL, StepRunner
+from dtql_fast.optim import Adam
+from dtql_fast.steppers import StepRunner
+from dtql_fast.update import METRICS, PRETRAIN_METRICS, FastDTQL
 from exact_reference import RoundOff
 
 LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_policy")

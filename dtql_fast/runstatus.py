@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .runfolder import (CHECKPOINT, CHECKPOINT_PREVIOUS, CONFIG, CURVES, EVAL_CSV, METRICS, SUMMARY, TRAIN_CSV,
                         live_holder)
-from .tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER, TASKS, Hyper, get_task, run_steps
+from .hyper import Hyper, run_steps
+from .tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER, TASKS, get_task
 
 # The files the sweep adds to a run folder (train.py's own are named in runfolder.py).
 STATUS = "status.json"
@@ -181,6 +182,17 @@ def progress(run_dir: Path, planned: int | None) -> RunProgress:
     return p
 
 
+def _gap(rows: list[dict], log_every) -> tuple[int, int] | None:
+    """The first pair of consecutive metric rows further apart than a log interval (the run's --log-every, or
+    the commonest spacing where that is larger: a resume may have changed it); None when there is none."""
+    steps = sorted({r["step"] for r in rows if isinstance(r.get("step"), int)})
+    diffs = [b - a for a, b in zip(steps, steps[1:])]
+    if not diffs:
+        return None
+    every = max(log_every if isinstance(log_every, int) else 0, max(set(diffs), key=diffs.count))
+    return next(((a, b) for a, b in zip(steps, steps[1:]) if b - a > every), None)
+
+
 def problems(run_dir: Path) -> list[str]:
     """What a reader of this run folder could not read, or should know about how it ended: a missing
     or unreadable config.json or summary.json, metric lines that do not parse, rows missing against
@@ -199,6 +211,9 @@ def problems(run_dir: Path) -> list[str]:
         found.append(f"metrics.jsonl has {bad} line(s) that are not JSON; they were skipped")
     train_rows, _ = _by_step(written)
     last = train_rows[-1].get("step") if train_rows else None
+    gap = _gap(train_rows, (read_json(run_dir / CONFIG) or {}).get("config", {}).get("log_every"))
+    if gap:
+        found.append(f"metrics.jsonl has no rows between steps {gap[0]} and {gap[1]} (lines lost before a resume)")
     summary = read_json(run_dir / SUMMARY)
     if summary and isinstance(summary.get("steps"), int) and (last or 0) < summary["steps"]:
         found.append(f"metrics.jsonl ends at step {last or 0} but summary.json says the run reached step "

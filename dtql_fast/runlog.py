@@ -14,12 +14,14 @@ import platform
 import statistics
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import runfolder
 from .curves import draw_mean_curve, mean_curve
 from .seeds import format_seeds
+
+if TYPE_CHECKING:  # torch only where a run's machine is named: the report reads TIME_PARTS without it
+    import torch
 
 
 # -- metric rows ---------------------------------------------------------------------------------------------
@@ -250,21 +252,93 @@ def cpu_model() -> str:
 
 def hardware(device: torch.device) -> str:
     """The machine a run's times were measured on: the GPU's name, or the CPU model and threads."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
 
-def run_time(clock: dict, step: int, pre_total: int, device: torch.device) -> dict:
-    """summary.json's "time": this process's wall seconds split into compile, evaluation and training
-    (the rest), the steps it ran (pretraining ones apart) and the machine. A resumed run counts only
-    its own process (first_step > 0)."""
-    total = time.perf_counter() - clock["start"]
-    first = clock["first_step"]
-    return {"total_s": round(total, 2), "compile_s": round(clock["compile_s"], 2), "eval_s": round(clock["eval_s"], 2),
-            "train_s": round(total - clock["compile_s"] - clock["eval_s"], 2), "first_step": first,
-            "steps": step - first, "pretrain_steps": max(0, min(step, pre_total) - first),
-            "hardware": hardware(device)}
+# The parts a run's wall time is split into, in the order the final lines and the report show them (key: its
+# name there). They sum to the total: "other" is what no part counted (the progress bar, the profiler's window,
+# the summary). eval: evaluating on the training's path (in-line, or handing a worker its weights); eval_wait:
+# training held up waiting for a worker's result. An evaluation worker's own time is off the path, apart.
+TIME_PARTS = {"startup": "start-up", "data": "data", "compile": "compile", "steps": "training steps",
+              "eval": "evaluation", "eval_wait": "waiting for evaluation", "checkpoint": "checkpoints",
+              "logging": "logging", "other": "other"}
+
+
+class RunClock:
+    """A run's wall time as it goes, split into TIME_PARTS. `part(name)` counts a block's seconds, less those of
+    the parts opened inside it (a best checkpoint written during an evaluation counts as a checkpoint);
+    `move(seconds, name)` gives seconds measured inside the open part to another (a step's compile)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.parts = dict.fromkeys(TIME_PARTS, 0.0)
+        self.off_path_eval = 0.0  # evaluated by a worker while training went on: no part of the total
+        self._open: list[list] = []  # [name, seconds given to parts inside it]
+
+    def part(self, name: str) -> _Part:
+        return _Part(self, name)
+
+    def move(self, seconds: float, name: str):
+        self.parts[name] += seconds
+        if self._open:
+            self._open[-1][1] += seconds
+
+    def split(self) -> tuple[float, dict[str, float]]:
+        """(total seconds so far, {part: seconds}), "other" the remainder."""
+        total = time.perf_counter() - self.start
+        parts = {**self.parts, "other": 0.0}
+        parts["other"] = max(0.0, total - sum(parts.values()))
+        return total, parts
+
+
+class _Part:
+    """RunClock.part's block (a class, not a generator: it wraps every step)."""
+
+    def __init__(self, clock: RunClock, name: str):
+        self.clock, self.name = clock, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.clock._open.append([self.name, 0.0])
+
+    def __exit__(self, *exc):
+        clock = self.clock
+        seconds = time.perf_counter() - self.t0
+        _, inner = clock._open.pop()
+        clock.parts[self.name] += seconds - inner
+        if clock._open:
+            clock._open[-1][1] += seconds
+
+
+def run_time(clock: RunClock, step: int, first_step: int, pre_total: int, device: torch.device,
+             evaluated: str | None = None) -> dict:
+    """summary.json's "time": this process's wall seconds (from train()'s call) and the steps it ran (pretraining
+    ones apart), on which machine. compile_s, eval_s (what evaluation held training up: in-line evaluation, or
+    handing a worker its weights and waiting for it) and train_s (the rest of the total); "split": every part of
+    TIME_PARTS, summing to total_s; eval_off_path_s: a worker's evaluating while training went on, and
+    `evaluated`: where evaluation ran. A resumed run counts only its own process (first_step > 0), its parts too."""
+    total, parts = clock.split()
+    compile_s, eval_s = parts["compile"], parts["eval"] + parts["eval_wait"]
+    out = {"total_s": round(total, 2), "compile_s": round(compile_s, 2), "eval_s": round(eval_s, 2),
+           "train_s": round(total - compile_s - eval_s, 2), "first_step": first_step,
+           "steps": step - first_step, "pretrain_steps": max(0, min(step, pre_total) - first_step),
+           "hardware": hardware(device), "split": {f"{k}_s": round(v, 3) for k, v in parts.items()},
+           "eval_off_path_s": round(clock.off_path_eval, 2)}
+    if evaluated is not None:
+        out["evaluated"] = evaluated
+    return out
+
+
+def time_message(t: dict) -> str:
+    """The final line of where a run's time went: summary.json's "time" in seconds, part by part."""
+    parts = ", ".join(f"{TIME_PARTS[k]} {t['split'][f'{k}_s']:.1f}" for k in TIME_PARTS)
+    off = (f" | evaluated by the worker off the training's path: {t['eval_off_path_s']:.1f} s"
+           if t.get("eval_off_path_s") else "")
+    return f"time: {t['total_s']:.1f} s = {parts}{off}"
 
 
 # -- learning_curves.png ------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def parse_args(argv=None) -> TrainConfig:
     p._negative_number_matcher = NEGATIVE_NUMBER
     ns = p.parse_args(argv)
     if ns.seed is not None and not 0 <= ns.seed <= MAX_SEED:
-        p.error(f"--seed {ns.seed}: seeds are integers 0-{MAX_SEED}")
+        p.error(f"--seed {ns.seed}: seeds are non-negative integers up to {MAX_SEED}")
     if ns.seeds is not None:
         try:
             ns.seeds = list(parse_seeds(ns.seeds))

@@ -39,7 +39,7 @@ def where_to_evaluate(mode: str, device: torch.device, threads: int) -> tuple[se
             raise ConfigError(f"--eval-worker on: the evaluation worker runs on a CPU and this run trains on "
                               f"{device}; evaluate in-line (--eval-worker off or auto)")
         return None, f"in-line on {device.type}"
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(allowed_cores())
     spare = len(cores) - threads
     if spare < 1:
         if mode == "auto":
@@ -48,6 +48,13 @@ def where_to_evaluate(mode: str, device: torch.device, threads: int) -> tuple[se
     if spare == 1:
         return {cores[-1]}, f"on core {cores[-1]}, the one torch's {threads} thread(s) leave free"
     return set(cores[threads:]), f"on the {spare} cores torch's {threads} thread(s) leave free"
+
+
+def allowed_cores() -> set[int]:
+    """The cores this process may run on (all of them where the OS does not say: no sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
 
 
 class WorkerFailed(RuntimeError):
@@ -91,6 +98,12 @@ class EvalWorker:
 
     def check_alive(self):
         if self.proc.exitcode is not None:
+            try:  # what it said before it ended (it could not load the run's data, say)
+                kind, step, body, _ = self.results.get(timeout=0.1)
+            except (queue.Empty, OSError, EOFError):
+                kind = None
+            if kind == "failed":
+                raise WorkerFailed(f"the evaluation worker (pid {self.proc.pid}) could not start: {body}")
             code = self.proc.exitcode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             raise WorkerFailed(f"the evaluation worker (pid {self.proc.pid}) died ({how})")
@@ -120,8 +133,12 @@ def unsnapshot(data: bytes) -> dict:
 
 
 def serve(cfg, hyper, episodes: int, cores: set[int], act, requests, results):
-    """The worker: the run's data and agents, then one evaluation per request until told to stop (None)."""
-    os.sched_setaffinity(0, cores)
+    """The worker: the run's data and agents, then one evaluation per request until told to stop (None) or its
+    trainer is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
+    trainer = os.getppid()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
     torch.set_num_threads(1)
     devnull = os.open(os.devnull, os.O_WRONLY)  # its notes and warnings would land in the trainer's progress bar
     os.dup2(devnull, 1)
@@ -140,7 +157,7 @@ def serve(cfg, hyper, episodes: int, cores: set[int], act, requests, results):
         return
     eager = types.MethodType(act, agent)
     compiled = None
-    while (request := requests.get()) is not None:
+    while (request := _next(requests, trainer)) is not None:
         step, payload, padded = request
         try:
             t0 = time.perf_counter()
@@ -152,3 +169,13 @@ def serve(cfg, hyper, episodes: int, cores: set[int], act, requests, results):
             results.put(("done", step, out, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001
             results.put(("failed", step, f"{type(e).__name__}: {e}", 0.0))
+
+
+def _next(requests, trainer: int):
+    """The next request; None once told to stop or the trainer died (killed, it could not say so)."""
+    while True:
+        try:
+            return requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != trainer:
+                return None

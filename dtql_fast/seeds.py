@@ -51,7 +51,7 @@ def check_seeds(seeds: Iterable[int], what: str = "seeds") -> tuple[int, ...]:
         raise SeedListError(f"{what}: the seed list is empty; give at least one seed")
     bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED]
     if bad:
-        raise SeedListError(f"{what}: seeds must be integers 0-{MAX_SEED}; got {bad[:5]}")
+        raise SeedListError(f"{what}: seeds must be non-negative integers up to {MAX_SEED}; got {bad[:5]}")
     repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
     if repeated:
         shown = seeds if len(seeds) <= 20 else f"[{', '.join(map(str, seeds[:20]))}, ...] ({len(seeds)} seeds)"

@@ -1,6 +1,7 @@
 """python -m dtql_fast.train: config -> data -> agent -> loop (progress, metrics, eval, checkpoints).
 _train reads top to bottom in that order. The flags, their checks and the resume rules are config.py's;
-the agents are built by agents.py; what a run prints and writes about itself is runlog.py's.
+the agents are built by agents.py; what a run prints and writes about itself is runlog.py's (with its time,
+split part by part: runlog.RunClock); evaluation in a worker process beside training is evalworker.py's.
 
 With no arguments it builds a small Reacher dataset offline, trains on it and prints the scores.
 `--seeds 0-4` trains a group of independent agents in one process, one step for all of them
@@ -111,6 +112,9 @@ def _train(cfg: TrainConfig, out: Path, clock: RunClock) -> dict:
     done = finished_already(cfg, latest, out)
     if done is not None:  # a resume with nothing to do changes no file
         return done
+    # (the worker's cores, why) where evaluation runs in a worker; (None, why): in-line
+    evaluator = (None, "--no-eval") if cfg.no_eval else where_to_evaluate(cfg.eval_worker, device,
+                                                                           torch.get_num_threads())
     # The stream of batches and draws (the agents draw their initial weights under their own seeds).
     torch.manual_seed(cfg.agents[0])
     with clock.part("data"):
@@ -119,7 +123,8 @@ def _train(cfg: TrainConfig, out: Path, clock: RunClock) -> dict:
                         eval_episodes=0 if cfg.no_eval else cfg.eval_episodes or loaded.eval_episodes())
     start, kept_rows = load_agent_state(agent, latest, cfg, out, device)
     checkpoint.remove_partial(out)
-    run = Run(cfg, out, device, loaded, hyper, agent, latest, start, clock)  # writes config.json, prints the first line
+    # writes config.json, prints the first line, starts an evaluation worker where one runs
+    run = Run(cfg, out, device, loaded, hyper, agent, latest, start, clock, evaluator)
 
     # Resumed at an evaluation's step: its rows are in the kept rows, or (an evaluation worker's result that had
     # not arrived) it is done again first, from the checkpoint's weights: the ones it was to evaluate.
@@ -358,7 +363,8 @@ class Run:
     should_log and should_evaluate say when a step's end writes a metric row or evaluates; `ckpts` saves."""
 
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, loaded, hyper: Hyper, agent: FastDTQL,
-                 latest: checkpoint.Latest | None, start: int, clock: RunClock):
+                 latest: checkpoint.Latest | None, start: int, clock: RunClock,
+                 evaluator: tuple[set[int] | None, str] = (None, "in-line")):
         self.cfg, self.out, self.device, self.loaded, self.hyper, self.agent = cfg, out, device, loaded, hyper, agent
         self.data, self.start = loaded.transitions, start
         # The columns naming each agent in the run folder: None in a --seed run's single-seed format (runlog.py).
@@ -391,8 +397,8 @@ class Run:
         self.act_rule = self.acting()
         self.last_eval: list[dict] | None = None  # the newest evaluation's rows
         self.worker, self.evaluated = None, "in-line"  # where evaluation runs (summary.json's time says)
-        cores, why = where_to_evaluate(cfg.eval_worker, device, torch.get_num_threads())
-        if cores is not None and not cfg.no_eval:
+        cores, why = evaluator
+        if cores is not None:
             self.worker, self.evaluated = EvalWorker(cfg, hyper, self.eval_episodes, cores, type(agent).act), "worker"
             print(f"evaluation: in a worker process {why}, one thread, while training goes on")
         self.clock = clock  # this process's wall time, split (summary.json "time"; the report's time per task)

@@ -83,7 +83,8 @@ def test_one_agent_of_a_group(tmp_path):
     from PIL import Image
 
     gif = tmp_path / "v-seed2.gif"
-    doc = json.loads((run / f"evaluation-last-step{rows[0]['step']}.json").read_text())
+    # the second evaluation of this checkpoint: a new file beside the first, which is never overwritten
+    doc = json.loads((run / f"evaluation-last-step{rows[0]['step']}-2.json").read_text())
     (video,) = doc["videos"]
     assert video["return"] == pytest.approx(rows[0]["returns"][0], abs=1e-9)
     assert Image.open(gif).n_frames == video["frames"] == rows[0]["lengths"][0] + 1

@@ -17,16 +17,21 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 # The file names are the run folder's (runfolder.py), under the names this module has always used.
+from . import runfolder
 from .runfolder import CHECKPOINT as FILENAME
 from .runfolder import CHECKPOINT_BEST
 from .runfolder import CHECKPOINT_PREVIOUS as PREVIOUS
 from .runfolder import CHECKPOINT_UNREADABLE as UNREADABLE
 from .runfolder import cannot_write, write_fault
+from .runlog import eval_mean
+
+if TYPE_CHECKING:
+    from .runlog import MetricLog
 
 FORMAT = 1
 BEST = CHECKPOINT_BEST  # checkpoint.best.pt (Best below)
@@ -231,6 +236,73 @@ def agent_state(ckpt: dict) -> dict:
             "lr_step": one(state["lr_step"]), "metric_sum": state["metric_sum"][None],
             "metric_count": one(state["metric_count"]),
             "seeds": [ckpt.get("config", {}).get("seed") or 0]}
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global generators a run draws its batches from (the CPU's, and the GPU's on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    """A run's checkpoints: checkpoint.pt when the loop saves (at evaluations, at the end, where a stop was
+    asked for, every --checkpoint-every minutes: Schedule, the one before kept), and
+    checkpoint.best.pt at an evaluation that beats the run's best (Best)."""
+
+    def __init__(self, out: Path, every_minutes: float, latest: Latest | None, start: int,
+                 payload, log: MetricLog):
+        self.out, self._make_payload, self._log = out, payload, log
+        self.schedule = Schedule(out / FILENAME, every_minutes, latest, start)
+        self.best = Best(out / BEST)
+        self._made: tuple[int, dict] | None = None  # (step, payload): an evaluation's best and its save share it
+
+    def state_at(self, step: int) -> dict:
+        """The payload checkpoint.pt gets at `step` (made once: an evaluation's snapshot and the save share it)."""
+        return self._payload(step)
+
+    def _payload(self, step: int) -> dict:
+        if self._made is None or self._made[0] != step:
+            self._made = (step, self._make_payload(step))
+        return self._made[1]
+
+    @property
+    def last_good(self) -> tuple[Path, int] | None:
+        """(file, step) of the newest checkpoint known good; None when there is none."""
+        return self.schedule.last_good
+
+    def due(self) -> bool:
+        """--checkpoint-every minutes have passed since the last save."""
+        return self.schedule.due()
+
+    def save(self, step: int):
+        """checkpoint.pt at `step` (nothing when it holds that step already). A diverged state is refused
+        (divergence.Diverged); a write that fails says which checkpoint is untouched (runfolder.CannotWrite)."""
+        if step == self.schedule.saved_step:
+            return
+        state = self._payload(step)
+        self._made = None  # the loop moves on: the next save is of another state
+        self._log.sync()  # the rows this checkpoint vouches for reach the disk before it does
+        try:
+            self.schedule.save(step, state)
+        except runfolder.CannotWrite as e:
+            last_good = self.schedule.last_good
+            kept = (f"the checkpoint of step {last_good[1]} is untouched: once fixed, resume with "
+                    f"python -m dtql_fast.train --resume {self.out}" if last_good else
+                    "no checkpoint was written before it")
+            raise runfolder.CannotWrite(f"{e}; {kept}") from None
+
+    def offer_best(self, step: int, rows: list[dict], payload=None):
+        """checkpoint.best.pt at `step` when this evaluation's mean over the agents beats the run's best: the
+        state payload() gives (the state evaluated), by default the agents' state now."""
+        self.best.offer(step, *eval_mean(rows), payload or (lambda: self._payload(step)))
 
 
 # Test hook (tests/test_faults.py): DTQL_TEST_STALL_SAVE="N:STAGE" makes this process's N-th save

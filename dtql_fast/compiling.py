@@ -176,3 +176,9 @@ def decide(eager_step_s: float, steps_left: int, graphs: int, warm: bool) -> Cho
     how = (f"{steps_left} steps left at {eager_step_s * 1e3:.1f} ms eager would save ~{saving:.0f}s compiled, "
            f"against ~{compile_s:.0f}s of {'warm' if warm else 'cold'} compiling for {graphs} graph(s)")
     return Choice(saving > compile_s, how)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a run reports how many it added)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]

@@ -107,9 +107,10 @@ class TrainConfig:
     eval_episodes: int | None = _option(None, group="schedule", need=at_least(1), resume=True)
     no_eval: bool = _option(False, "skip evaluation (checkpoints still written)", group="schedule", resume=True)
     eval_worker: str = _option(
-        "auto", "evaluate in a worker process (one thread) on a snapshot of the weights while training goes on "
-                "(on), or in the training loop (off); the rows are the same numbers either way. auto: a worker "
-                "where the run's allowed cores outnumber torch's threads on a CPU, else in-line",
+        "off", "evaluate in a worker process (one thread) on a snapshot of the weights while training goes on "
+               "(on), or in the training loop (off, the default); the rows are the same numbers when training "
+               "runs one thread. auto: a worker where the run's allowed cores outnumber torch's threads on a "
+               "CPU, else in-line",
         group="schedule", choices=["auto", "on", "off"], runtime=True)
     log_every: int = _option(250, "steps between metric rows", group="schedule", need=at_least(1), runtime=True)
     checkpoint_every: float = _option(

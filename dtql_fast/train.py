@@ -14,7 +14,6 @@ import dataclasses
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,10 +30,11 @@ from .evalworker import EvalWorker, WorkerFailed, where_to_evaluate
 from .groups import GroupMismatch
 from .ranges import ProfileWindow, phase
 # What a run prints and writes about itself (rows, messages, summary.json's parts, the plot) is runlog.py's.
-from .runlog import (MetricLog, RunClock, eval_mean, eval_message, eval_rows, eval_summary, final_message,
+from .runlog import (MetricLog, RunClock, eval_message, eval_rows, eval_summary, final_message,
                      plot_curves, progress_postfix, run_time, start_message, time_message, train_rows)
 from .seeds import SeedListError, folder_label
 from .steppers import StepRunner
+from .stopping import StopAtStepEnd
 from .tasks import Hyper, UnknownTaskError
 from .transitions import DatasetError
 from .update import FastDTQL
@@ -252,7 +252,7 @@ def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: Tra
         return 0, []
     resumed = latest.ckpt
     restore(agent, resumed, cfg.task, where=f"checkpoint in {latest.path}")
-    _set_rng_state(resumed["rng"], device)
+    checkpoint.set_rng_state(resumed["rng"], device)
     start = resumed["step"]
     damage = runfolder.metric_damage(out)
     if damage:
@@ -261,100 +261,7 @@ def load_agent_state(agent: FastDTQL, latest: checkpoint.Latest | None, cfg: Tra
     return start, kept_rows
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # -- the loop's state and steps ------------------------------------------------------------------------------
-
-
-class StopAtStepEnd:
-    """Ctrl-C or SIGTERM ask the loop to stop where a step ends: a checkpoint of a half-updated
-    agent would resume into other numbers. A second Ctrl-C stops at once, without a checkpoint."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def install(self) -> StopAtStepEnd:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping when this step ends, with a checkpoint "
-                   "(Ctrl-C again: stop now, without one)")
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-class Checkpointer:
-    """A run's checkpoints: checkpoint.pt when the loop saves (at evaluations, at the end, where a stop was
-    asked for, every --checkpoint-every minutes: checkpoint.Schedule, the one before kept), and
-    checkpoint.best.pt at an evaluation that beats the run's best (checkpoint.Best)."""
-
-    def __init__(self, out: Path, every_minutes: float, latest: checkpoint.Latest | None, start: int,
-                 payload, log: MetricLog):
-        self.out, self._make_payload, self._log = out, payload, log
-        self.schedule = checkpoint.Schedule(out / checkpoint.FILENAME, every_minutes, latest, start)
-        self.best = checkpoint.Best(out / checkpoint.BEST)
-        self._made: tuple[int, dict] | None = None  # (step, payload): an evaluation's best and its save share it
-
-    def state_at(self, step: int) -> dict:
-        """The payload checkpoint.pt gets at `step` (made once: an evaluation's snapshot and the save share it)."""
-        return self._payload(step)
-
-    def _payload(self, step: int) -> dict:
-        if self._made is None or self._made[0] != step:
-            self._made = (step, self._make_payload(step))
-        return self._made[1]
-
-    @property
-    def last_good(self) -> tuple[Path, int] | None:
-        """(file, step) of the newest checkpoint known good; None when there is none."""
-        return self.schedule.last_good
-
-    def due(self) -> bool:
-        """--checkpoint-every minutes have passed since the last save."""
-        return self.schedule.due()
-
-    def save(self, step: int):
-        """checkpoint.pt at `step` (nothing when it holds that step already). A diverged state is refused
-        (divergence.Diverged); a write that fails says which checkpoint is untouched (runfolder.CannotWrite)."""
-        if step == self.schedule.saved_step:
-            return
-        state = self._payload(step)
-        self._made = None  # the loop moves on: the next save is of another state
-        self._log.sync()  # the rows this checkpoint vouches for reach the disk before it does
-        try:
-            self.schedule.save(step, state)
-        except runfolder.CannotWrite as e:
-            last_good = self.schedule.last_good
-            kept = (f"the checkpoint of step {last_good[1]} is untouched: once fixed, resume with "
-                    f"python -m dtql_fast.train --resume {self.out}" if last_good else
-                    "no checkpoint was written before it")
-            raise runfolder.CannotWrite(f"{e}; {kept}") from None
-
-    def offer_best(self, step: int, rows: list[dict], payload=None):
-        """checkpoint.best.pt at `step` when this evaluation's mean over the agents beats the run's best: the
-        state payload() gives (the state evaluated), by default the agents' state now."""
-        self.best.offer(step, *eval_mean(rows), payload or (lambda: self._payload(step)))
 
 
 class Run:
@@ -393,7 +300,7 @@ class Run:
         if loaded.note:
             print(f"note: {loaded.note}")
 
-        self.ckpts = Checkpointer(out, cfg.checkpoint_every, latest, start, self.payload, self.log)
+        self.ckpts = checkpoint.Checkpointer(out, cfg.checkpoint_every, latest, start, self.payload, self.log)
         self.act_rule = self.acting()
         self.last_eval: list[dict] | None = None  # the newest evaluation's rows
         self.worker, self.evaluated = None, "in-line"  # where evaluation runs (summary.json's time says)
@@ -402,7 +309,7 @@ class Run:
             self.worker, self.evaluated = EvalWorker(cfg, hyper, self.eval_episodes, cores, type(agent).act), "worker"
             print(f"evaluation: in a worker process {why}, one thread, while training goes on")
         self.clock = clock  # this process's wall time, split (summary.json "time"; the report's time per task)
-        self.graphs_before = _compiled_graphs()
+        self.graphs_before = compiling.compiled_graphs()
         self.profile = ProfileWindow(cfg.profile_steps, device, out)
         self.bar = tqdm(total=self.total, initial=start, desc="pretrain" if start < self.pre_total else "train",
                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
@@ -608,7 +515,7 @@ class Run:
         if self.cfg.single_seed:
             state = checkpoint.single_seed_state(state)
         return {"task": self.cfg.task, "shapes": net_shapes(self.agent), "config": dataclasses.asdict(self.cfg),
-                "hyper": dataclasses.asdict(self.hyper), "agent": state, "step": step, "rng": _rng_state(self.device)}
+                "hyper": dataclasses.asdict(self.hyper), "agent": state, "step": step, "rng": checkpoint.rng_state(self.device)}
 
     def write_summary(self, step: int, last_eval: list[dict] | None) -> dict:
         """summary.json (returned): the run, its time, its step mode, the graphs compiled and the last
@@ -624,7 +531,7 @@ class Run:
         summary["step_mode"] = self.mode()
         if self.choice.compile:
             # One graph each for pretraining, training and acting; more would mean recompilation.
-            summary["compiled_graphs"] = _compiled_graphs() - self.graphs_before
+            summary["compiled_graphs"] = compiling.compiled_graphs() - self.graphs_before
             print(f"compiled graphs: {summary['compiled_graphs']} (pretraining step, training step, acting; "
                   "more would mean a recompile)")
         if last_eval is not None:
@@ -636,11 +543,6 @@ class Run:
         print(time_message(summary["time"]))
         (self.out / runfolder.SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
-
-
-def _compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-    return counters["stats"]["unique_graphs"]
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_resume_redoes_the_evaluation_in_flight(inline, tmp_path, monkeypatch, c
     """Killed after the checkpoint of an evaluation's step and before its result arrived: the resume evaluates
     that step again from the checkpoint's weights, and the rows are the straight in-line run's."""
     folder, _ = inline
-    real = train_mod.Checkpointer.save
+    real = checkpoint.Checkpointer.save
 
     def save_then_die(self, step):
         real(self, step)
@@ -128,7 +128,7 @@ def test_resume_redoes_the_evaluation_in_flight(inline, tmp_path, monkeypatch, c
             raise KeyboardInterrupt  # as a second Ctrl-C: no checkpoint past this one
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod.Checkpointer, "save", save_then_die)
+        m.setattr(checkpoint.Checkpointer, "save", save_then_die)
         with pytest.raises(SystemExit) as e:
             train(parse_args([*TINY, "--out", str(tmp_path / "r"), "--eval-worker", "on"]))
         assert e.value.code == 130

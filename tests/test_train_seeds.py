@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtql_fast import checkpoint, data as data_mod, divergence, report, train as train_mod
+from dtql_fast import checkpoint, compiling, data as data_mod, divergence, report, train as train_mod
 from dtql_fast.evaluate import evaluate, evaluate_group, make_act_fn, make_group_act_fn
 from dtql_fast.seeds import SeedListError, format_seeds, parse_seeds
 from dtql_fast.tasks import DEFAULT_HYPER, OFFLINE_DEMO_HYPER
@@ -320,11 +320,11 @@ def test_group_eval_on_reacher_with_the_compiled_act():
     group, singles = _group_and_singles(seeds, 10, 2)
     make_env = lambda: gym.make("Reacher-v5")  # noqa: E731
     torch._dynamo.reset()
-    graphs = train_mod._compiled_graphs()
+    graphs = compiling.compiled_graphs()
     compiled = torch.compile(group.act, fullgraph=True)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     got = evaluate_group(make_group_act_fn(compiled, 2, R, "cpu", gens, pad=True), make_env, E, [7, 70])
-    assert train_mod._compiled_graphs() - graphs == 1
+    assert compiling.compiled_graphs() - graphs == 1
     for r, s, single, env_seed in zip(got, seeds, singles, [7, 70]):
         want = evaluate(make_act_fn(_one(single), 2, R, "cpu", torch.Generator().manual_seed(s), pad_to=E), make_env,
                         E, seed=env_seed)

@@ -71,7 +71,6 @@ def _release_state(agent, step: int, metrics_bytes: int) -> dict:
     """Everything the release's loop carries from one step to the next: networks, optimisers, schedulers,
     its step counter and EMA target, and every RNG its draws come from (the global torch one: batches,
     noise, acting), so a resumed seed continues the very same run."""
-    import random as _random
     nets = ("bc_actor", "bc_actor_target", "critic", "critic_target", "distill_actor", "distill_actor_target")
     opts = ("critic_optimizer", "bc_actor_optimizer", "distill_actor_optimizer")
     scheds = [k for k in ("critic_lr_scheduler", "bc_actor_lr_scheduler", "distill_actor_lr_scheduler")
@@ -80,11 +79,10 @@ def _release_state(agent, step: int, metrics_bytes: int) -> dict:
             "nets": {k: getattr(agent, k).state_dict() for k in nets},
             "opts": {k: getattr(agent, k).state_dict() for k in opts},
             "scheds": {k: getattr(agent, k).state_dict() for k in scheds},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": _random.getstate()}}
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}}
 
 
 def _load_release_state(agent, state: dict):
-    import random as _random
     for k, sd in state["nets"].items():
         getattr(agent, k).load_state_dict(sd)
     for group in ("opts", "scheds"):
@@ -93,7 +91,7 @@ def _load_release_state(agent, state: dict):
     agent.step = state["agent_step"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
-    _random.setstate(state["rng"]["random"])
+    random.setstate(state["rng"]["random"])
 
 
 def _save_atomic(obj, path: Path):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dtql_fast.seeds import format_seeds, parse_seeds
-from dtql_fast.runfolder import CONFIG, METRICS, SUMMARY
+from dtql_fast.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from dtql_fast.evaluate import env_seed  # every variant plays the envs train's evaluation plays
 
 VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
@@ -317,6 +317,8 @@ def run(args) -> None:
             if (folder / SUMMARY).exists():
                 print(f"{variant}: done already ({folder})")
                 continue
+            if (folder / CHECKPOINT).exists():  # interrupted: continue it (the same numbers as a straight run)
+                cmd = cmd[:cmd.index("--task")] + ["--resume", str(folder), "--threads", "1"]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 

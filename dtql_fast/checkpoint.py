@@ -121,13 +121,14 @@ class Latest(NamedTuple):
     note: str | None  # why the newest checkpoint was not the one used; None when it was
 
 
-def load_latest(path: str | os.PathLike, map_location=None) -> Latest:
+def load_latest(path: str | os.PathLike, map_location=None, set_aside: bool = True) -> Latest:
     """The newest checkpoint of a run folder (or of a checkpoint.pt file's folder) that reads.
 
     When checkpoint.pt is missing (a kill between the rotation's two renames) or unreadable
-    (truncated, corrupted), use checkpoint.prev.pt and say so in `note`. An unreadable newest is
-    renamed checkpoint.unreadable.pt, so the next save does not rotate it over the good previous
-    one; call this holding the run folder's lock.
+    (truncated, corrupted), use checkpoint.prev.pt and say so in `note`. With `set_aside` (a resume,
+    which is about to save), an unreadable newest is renamed checkpoint.unreadable.pt, so the next save
+    does not rotate it over the good previous one; call it so holding the run folder's lock. A reader
+    that saves nothing (evaluate) passes set_aside=False and changes no file.
     """
     path = Path(path)
     newest = path / FILENAME if path.is_dir() else path
@@ -141,9 +142,11 @@ def load_latest(path: str | os.PathLike, map_location=None) -> Latest:
             continue
         if p == newest:
             return Latest(ckpt, p, None)
-        if newest.exists():
+        if newest.exists() and set_aside:
             os.replace(newest, newest.with_name(UNREADABLE))
             why = f"{errors[0]} (set aside as {UNREADABLE})"
+        elif newest.exists():
+            why = f"{errors[0]} (left as it is)"
         else:
             why = f"{newest} is missing (the run was killed while rotating its checkpoints)"
         return Latest(ckpt, p, f"{why}; resuming from {p} (step {ckpt.get('step')}) instead")

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,17 @@ def _override(name: str, *, group: str, grid: bool = False):
                                                      resume=rules["resume"], grid=grid), "hyper": name})
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# More torch threads than the CPUs this process may use only slow a step (and past 2**31 torch overflows)
+CPU_THREADS: Need = (lambda v: 1 <= v <= _usable_cpus(), f"1-{_usable_cpus()} (the CPUs this process may use)")
+
+
 @dataclass
 class TrainConfig:
     """Every flag of python -m dtql_fast.train, in --help's order, with its help text. A hyperparameter's flag
@@ -83,7 +95,7 @@ class TrainConfig:
               "or both 0-2,7; seed s starts from --seed s's weights and is evaluated on its envs",
         group="who", metavar="LIST")
     device: str = _option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", runtime=True)
-    threads: int | None = _option(None, "CPU threads for torch (default: torch's choice)", need=at_least(1),
+    threads: int | None = _option(None, "CPU threads for torch (default: torch's choice)", need=CPU_THREADS,
                                   runtime=True)
     out: str | None = _option(None, "run folder for metrics, plots and checkpoints (default: runs/<task>-s<seed>, "
                                     "for a group runs/<task>-seeds0-4 or runs/<task>-seeds0_3_7)")

@@ -300,7 +300,7 @@ def main(argv=None) -> list[dict]:
     from pathlib import Path
 
     from . import checkpoint, footprint, runfolder
-    from .agents import build_agent, restore
+    from .agents import build_agent, check_fits_before_data, restore
     from .config import NEGATIVE_NUMBER, ConfigError, TrainConfig, agent_labels, device_problem, resolve_device
     from .data import load_run_data
     from .runlog import eval_rows
@@ -348,7 +348,10 @@ def main(argv=None) -> list[dict]:
                     "none); use --checkpoint last")
             ckpt = checkpoint.load(run / checkpoint.BEST if run.is_dir() else run, map_location=device)
         else:
-            ckpt = checkpoint.load_latest(run, map_location=device).ckpt
+            latest = checkpoint.load_latest(run, map_location=device, set_aside=False)  # evaluate changes no file
+            if latest.note:
+                print(f"note: {latest.note}")
+            ckpt = latest.ckpt
         cfg, hyper = TrainConfig(**ckpt["config"]), Hyper(**ckpt["hyper"])
         agents = cfg.agents
         keep = list(parse_seeds(a.agents, "--agents")) if a.agents else agents
@@ -369,6 +372,7 @@ def main(argv=None) -> list[dict]:
             if taken:
                 raise runfolder.CannotWrite(f"--video {a.video}: {taken[0]} exists already and is never "
                                             "overwritten; give another --video")
+        check_fits_before_data(cfg, device, a.episodes or cfg.eval_episodes)  # before the data's minutes
         loaded = load_run_data(cfg, device)
         for name, one in zip(cfg.tasks, loaded.per_task):
             if one.env_problem:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, compiling, divergence, evalworker, footprint, runfolder, runlog, tracking
-from .agents import build_agent, net_shapes, restore
+from .agents import build_agent, check_fits_before_data, net_shapes, restore
 from .config import (GRID_FIELDS, ConfigError, TrainConfig, agent_labels, check_checkpoint_belongs, check_config,
                      check_resumed_seeds, flag, kernels_of, parse_args, resolve_device, resumed_config, setting_label)
 from .data import RunData, check_env_widths, load_run_data
@@ -117,6 +117,7 @@ def _train(cfg: TrainConfig, out: Path, clock: RunClock) -> dict:
                                                                            torch.get_num_threads())
     # The stream of batches and draws (the agents draw their initial weights under their own seeds).
     torch.manual_seed(cfg.agents[0])
+    check_fits_before_data(cfg, device, 0 if cfg.no_eval else cfg.eval_episodes)  # before the data's minutes
     with clock.part("data"):
         loaded, hyper = load_checked_data(cfg, device)
     agent = build_agent(cfg, loaded.transitions, hyper, loaded.hypers(cfg), device,

@@ -177,6 +177,44 @@ def test_evaluate_input_refused_before_any_work(env, finished, tmp_path, args, m
     assert sums(run) == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "1000000000"], "--batch-size 1000000000 and --noise-levels 1 need about"),
+    (["--eval-episodes", "1000000"], "evaluating 1000000 episodes per agent"),
+])
+def test_memory_refused_before_the_data_is_read(env, tmp_path, args, message):
+    """The memory estimate runs before a byte of data is read (from the task table's widths): a dataset that
+    is not there is never reached, so the refusal names the memory, not the file."""
+    refused(cli(env, tmp_path, "train", *TINY, "--task", "hopper-medium-v2", "--dataset", tmp_path / "absent.hdf5",
+                *args, "--out", "run"), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_memory_refused_before_the_data_is_read(finished, tmp_path, monkeypatch):
+    from dtql_fast import data, evaluate
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was read before the memory estimate")
+
+    monkeypatch.setattr(data, "load_run_data", no_data)
+    run = copy(finished, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--episodes", "1000000"])
+    assert str(e.value).startswith("error: evaluating 1000000 episodes per agent")
+
+
+def test_evaluate_leaves_an_unreadable_checkpoint_where_it_is(env, finished, tmp_path):
+    """evaluate reads the previous checkpoint where the newest does not read, and changes no file: the
+    unreadable one is not renamed (only a resume, about to save, sets it aside)."""
+    run = copy(finished, tmp_path)
+    shutil.copy(run / "checkpoint.pt", run / "checkpoint.prev.pt")  # the rotation's previous one
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = sums(run)
+    p = cli(env, tmp_path, "evaluate", run, "--json", tmp_path / "e.json")
+    assert p.returncode == 0, p.stderr
+    assert "left as it is" in p.stdout and "Traceback" not in p.stderr
+    assert sums(run) == before
+
+
 def test_dataset_with_rewards_as_bytes_is_one_line(env, tmp_path):
     data = write_d4rl(tmp_path / "data.hdf5", 11, 3, rows=50)
     with h5py.File(data, "a") as f:

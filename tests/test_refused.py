@@ -1,4 +1,6 @@
 """Bad input is refused before any work, with one line naming the flag; no run is ever overwritten."""
+import os
+
 import pytest
 
 from dtql_fast import train as train_mod
@@ -33,8 +35,10 @@ def _tree(folder):
     (["--batch-size", "0"], "--batch-size 0: takes >= 1"),
     (["--batch-size", "-5"], "--batch-size -5: takes >= 1"),
     (["--noise-levels", "0"], "--noise-levels 0: takes >= 1"),
-    (["--threads", "-1"], "--threads -1: takes >= 1"),
-    (["--threads", "0"], "--threads 0: takes >= 1"),
+    (["--threads", "-1"], "--threads -1: takes 1-"),
+    (["--threads", "0"], "--threads 0: takes 1-"),
+    (["--threads", "99999999999999999999"], "--threads 99999999999999999999: takes 1-"),
+    ([f"--threads={len(os.sched_getaffinity(0)) + 1}"], "(the CPUs this process may use)"),
     (["--epochs", "-1"], "--epochs -1: takes >= 1"),
     (["--pretrain-epochs", "-1"], "--pretrain-epochs -1: takes >= 0"),
     (["--steps-per-epoch", "0"], "--steps-per-epoch 0: takes >= 1"),

@@ -238,6 +238,21 @@ def render_peer(loaded: list) -> str:
         f"\n\n(FlowRL under jax {d['jax']})"
 
 
+def render_acting(loaded: list) -> str:
+    """profiling.act_bench: per task, threads and mode, the rule on copies (old) against acting at the critic's
+    cost (new)."""
+    rows = []
+    for d in loaded:
+        for m in d["measurements"]:
+            old, new = ({r["rule"]: r for r in m["rows"]}[k] for k in ("old", "new"))
+            rows.append([old["task"].split("-")[0], str(old["threads"]), old["mode"],
+                         f"{old['mflop_per_state']:.0f} / {new['mflop_per_state']:.0f}",
+                         f"{old['states_per_s']:.1f}", f"{new['states_per_s']:.1f}", ratio(m["new_over_old"]),
+                         f"{m['max_action_difference']:.1g}"])
+    return table(["task", "threads", "mode", "MFLOP per state, old / new", "old states/s", "new states/s",
+                  "new / old", "largest action difference"], rows)
+
+
 def render_peer_best(loaded: list) -> str:
     """The peer at its best: each row one run (its instruction set, its jax), ours against both FlowRL forms."""
     rows = []
@@ -313,6 +328,8 @@ TABLES: dict[str, Table] = {
         text=True),), render_cold_train),
     "inductor-options": Table(tuple(Source(f"breakdown/inductor-options/candidate-{i}.json", date="2026-11-30")
                                     for i in (1, 2, 3)), render_inductor_options),
+    "acting": Table((Source("acting/act-walker2d-threads1-2.json", date="2026-12-06"),
+                     Source("acting/act-antmaze-threads1.json", date="2026-12-06")), render_acting),
     "peer-flowrl-best": Table((Source("peer-flowrl-walker2d-threads1-jax0.10.2-native.json", date="2026-12-06"),
                                Source("peer-flowrl-walker2d-threads1-jax0.10.2-avx2.json", date="2026-12-06")),
                               render_peer_best),

@@ -119,10 +119,11 @@ class TrainConfig:
     eval_episodes: int | None = _option(None, group="schedule", need=at_least(1), resume=True)
     no_eval: bool = _option(False, "skip evaluation (checkpoints still written)", group="schedule", resume=True)
     eval_worker: str = _option(
-        "off", "evaluate in a worker process (one thread) on a snapshot of the weights while training goes on "
-               "(on), or in the training loop (off, the default); the rows are the same numbers when training "
-               "runs one thread. auto: a worker where the run's allowed cores outnumber torch's threads on a "
-               "CPU, else in-line",
+        "auto", "evaluate in a worker process on a snapshot of the weights while training goes on (on), or in the "
+                "training loop (off); the worker runs training's thread count, so its rows are in-line "
+                "evaluation's numbers. auto (the default): a worker on a CPU where the cores this process may use "
+                "leave training's thread count spare and an evaluation may take 10,000 env steps or more, else "
+                "in-line",
         group="schedule", choices=["auto", "on", "off"], runtime=True)
     log_every: int = _option(250, "steps between metric rows", group="schedule", need=at_least(1), runtime=True)
     checkpoint_every: float = _option(

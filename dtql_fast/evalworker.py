@@ -27,11 +27,41 @@ import torch
 from .config import ConfigError
 
 
-def where_to_evaluate(mode: str, device: torch.device, threads: int) -> tuple[set[int] | None, str]:
-    """(the worker's cores, why), or (None, why) to evaluate in-line. auto: a worker on a CPU run whose allowed
-    cores (os.sched_getaffinity) outnumber torch's threads, pinned to the spare core when there is exactly one
-    (else the OS places it among the spare ones); in-line otherwise. on: a worker even without a spare core
-    (it shares the run's cores). off: in-line."""
+# auto's floor: an evaluation of fewer env steps (at most; agents x episodes x the env's step limit) stays
+# in-line, as a worker's start would cost more than it saves: on walker (run_bench's warm-up runs, 2026-12-06)
+# a worker took 10.7 s to start and return a tiny evaluation that took 4.8 s in-line. Walker, hopper,
+# halfcheetah (10 x 1,000), antmaze (100 x 700), pen (100 x 100) and kitchen (100 x 280) reach it.
+AUTO_MIN_ENV_STEPS = 10_000
+
+
+def env_steps_per_evaluation(cfg) -> int | None:
+    """The most env steps one evaluation of the run can take (agents x episodes x the env's step limit), from
+    the task table and gymnasium's registry, before any data is read; None where that is not known (a Minari
+    id, the demo data, an env not registered here)."""
+    import gymnasium as gym
+
+    from .tasks import TASKS
+
+    per_task = []
+    for name in cfg.tasks:
+        task = TASKS.get(name)
+        try:
+            limit = gym.spec(task.env_id).max_episode_steps if task and task.env_id else None
+        except gym.error.Error:
+            limit = None
+        if not limit:
+            return None
+        per_task.append((cfg.eval_episodes or task.eval_episodes) * limit)
+    return sum(per_task[t] for t in cfg.task_of_agent)
+
+
+def where_to_evaluate(mode: str, device: torch.device, threads: int,
+                      env_steps: int | None = None) -> tuple[set[int] | None, str]:
+    """(the worker's cores, why), or (None, why) to evaluate in-line. The worker runs as many torch threads as
+    training does (`threads`), so that its rows are the numbers in-line evaluation gives. auto (the default):
+    a worker on a CPU run whose allowed cores (os.sched_getaffinity) leave at least `threads` spare (pinned to
+    them) and whose evaluation may take `env_steps` >= AUTO_MIN_ENV_STEPS; in-line otherwise. on: a worker
+    even without spare cores (it shares the run's). off: in-line."""
     if mode == "off":
         return None, "--eval-worker off"
     if device.type != "cpu":
@@ -39,15 +69,18 @@ def where_to_evaluate(mode: str, device: torch.device, threads: int) -> tuple[se
             raise ConfigError(f"--eval-worker on: the evaluation worker runs on a CPU and this run trains on "
                               f"{device}; evaluate in-line (--eval-worker off or auto)")
         return None, f"in-line on {device.type}"
+    if mode == "auto" and (env_steps is None or env_steps < AUTO_MIN_ENV_STEPS):
+        size = "of unknown size before the data loads" if env_steps is None else f"of at most {env_steps} env steps"
+        return None, f"in-line: an evaluation {size} does not repay a worker's start (--eval-worker on forces one)"
     cores = sorted(allowed_cores())
-    spare = len(cores) - threads
-    if spare < 1:
+    spare = cores[threads:]
+    if len(spare) < threads:
         if mode == "auto":
-            return None, f"no spare core ({len(cores)} allowed, {threads} torch threads)"
-        return set(cores), f"on the run's own {len(cores)} core(s): none is spare for it"
-    if spare == 1:
-        return {cores[-1]}, f"on core {cores[-1]}, the one torch's {threads} thread(s) leave free"
-    return set(cores[threads:]), f"on the {spare} cores torch's {threads} thread(s) leave free"
+            return None, (f"no {threads} spare core(s) for a worker of {threads} thread(s) ({len(cores)} allowed, "
+                          f"{threads} torch threads training)")
+        return set(cores), f"on the run's own {len(cores)} core(s): too few are spare for it"
+    return set(spare), (f"on core {spare[0]}, the one" if len(spare) == 1 else
+                        f"on the {len(spare)} cores") + f" torch's {threads} training thread(s) leave free"
 
 
 def allowed_cores() -> set[int]:
@@ -64,11 +97,11 @@ class WorkerFailed(RuntimeError):
 class EvalWorker:
     """The trainer's side: start the worker, hand it a step's payload, take its results."""
 
-    def __init__(self, cfg, hyper, episodes: int, cores: set[int], act):
+    def __init__(self, cfg, hyper, episodes: int, cores: set[int], act, threads: int = 1):
         ctx = torch.multiprocessing.get_context("spawn")
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=serve, name="dtql-eval-worker", daemon=True,
-                                args=(cfg, hyper, episodes, cores, act, self.requests, self.results))
+                                args=(cfg, hyper, episodes, cores, act, threads, self.requests, self.results))
         self.proc.start()
         self.pending: tuple[int, bytes] | None = None  # (step, the payload evaluated, serialised)
 
@@ -132,14 +165,14 @@ def unsnapshot(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def serve(cfg, hyper, episodes: int, cores: set[int], act, requests, results):
+def serve(cfg, hyper, episodes: int, cores: set[int], act, threads: int, requests, results):
     """The worker: the run's data and agents, then one evaluation per request until told to stop (None) or its
     trainer is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
     trainer = os.getppid()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)  # the trainer's count: the same reductions, so in-line evaluation's numbers
     devnull = os.open(os.devnull, os.O_WRONLY)  # its notes and warnings would land in the trainer's progress bar
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)

@@ -343,6 +343,10 @@ def train_command(spec: RunSpec, resume: bool) -> list[str]:
     else:
         cmd += ["--task", spec.task, "--seeds", format_seeds(spec.seeds), "--out", spec.run_dir]
     cmd += list(spec.train_args)
+    # Ray reserves --cpus-per-run for the run, not the whole machine its affinity shows: an evaluation worker on
+    # a "spare" core would take one Ray gave another run
+    if not any(a == "--eval-worker" or a.startswith("--eval-worker=") for a in spec.train_args):
+        cmd += ["--eval-worker", "off"]
     if not any(a == "--threads" or a.startswith("--threads=") for a in spec.train_args):
         cmd += ["--threads", str(spec.threads)]
     return cmd

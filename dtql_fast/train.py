@@ -26,7 +26,7 @@ from .config import (GRID_FIELDS, ConfigError, TrainConfig, agent_labels, check_
                      check_resumed_seeds, flag, kernels_of, parse_args, resolve_device, resumed_config, setting_label)
 from .data import RunData, check_env_widths, load_run_data
 from .evaluate import evaluate_agents
-from .evalworker import EvalWorker, WorkerFailed, where_to_evaluate
+from .evalworker import EvalWorker, WorkerFailed, env_steps_per_evaluation, where_to_evaluate
 from .groups import GroupMismatch
 from .ranges import ProfileWindow, phase
 # What a run prints and writes about itself (rows, messages, summary.json's parts, the plot) is runlog.py's.
@@ -113,8 +113,8 @@ def _train(cfg: TrainConfig, out: Path, clock: RunClock) -> dict:
     if done is not None:  # a resume with nothing to do changes no file
         return done
     # (the worker's cores, why) where evaluation runs in a worker; (None, why): in-line
-    evaluator = (None, "--no-eval") if cfg.no_eval else where_to_evaluate(cfg.eval_worker, device,
-                                                                           torch.get_num_threads())
+    evaluator = (None, "--no-eval") if cfg.no_eval else where_to_evaluate(
+        cfg.eval_worker, device, torch.get_num_threads(), env_steps_per_evaluation(cfg))
     # The stream of batches and draws (the agents draw their initial weights under their own seeds).
     torch.manual_seed(cfg.agents[0])
     check_fits_before_data(cfg, device, 0 if cfg.no_eval else cfg.eval_episodes)  # before the data's minutes
@@ -307,8 +307,10 @@ class Run:
         self.worker, self.evaluated = None, "in-line"  # where evaluation runs (summary.json's time says)
         cores, why = evaluator
         if cores is not None:
-            self.worker, self.evaluated = EvalWorker(cfg, hyper, self.eval_episodes, cores, type(agent).act), "worker"
-            print(f"evaluation: in a worker process {why}, one thread, while training goes on")
+            threads = torch.get_num_threads()
+            self.worker, self.evaluated = EvalWorker(cfg, hyper, self.eval_episodes, cores, type(agent).act,
+                                                     threads), "worker"
+            print(f"evaluation: in a worker process {why}, {threads} thread(s) as training, while training goes on")
         self.clock = clock  # this process's wall time, split (summary.json "time"; the report's time per task)
         self.graphs_before = compiling.compiled_graphs()
         self.profile = ProfileWindow(cfg.profile_steps, device, out)

@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from dtql_fast.draws import Draws, sample_draws
+from dtql_fast.profiling.release_nets import RELEASE_NETS, ours_from_release
 from dtql_fast.runlog import cpu_model
 from dtql_fast.update import FastDTQL
 
-NETS = {"diffusion": "bc_actor", "critic": "critic", "critic_target": "critic_target", "policy": "distill_actor"}
 # Release metric -> ours (train steps); the release's critic_loss is loss_v + loss_q.
 METRIC_PAIRS = (("bc_loss", "loss_bc"), ("distill_loss", "loss_tr"), ("ql_loss", "loss_pq"),
                 ("critic_loss", "loss_critic"))
@@ -101,19 +101,13 @@ class FedRelease:
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The release's four networks (its own modules and parameter names)."""
-        return {ours: getattr(self.agent, theirs) for ours, theirs in NETS.items()}
+        return {ours: getattr(self.agent, theirs) for ours, theirs in RELEASE_NETS.items()}
 
     def as_reference(self) -> dict[str, torch.nn.Module]:
         """Copies in dtql_fast.nets' layout: the same tensors in the same order, under our parameter names."""
-        from dtql_fast.nets import Critic, DiffusionNet, GaussianPolicy
         a = self.agent
-        ours = {"diffusion": DiffusionNet(a.state_dim, a.action_dim, 256),
-                "critic": Critic(a.state_dim, a.action_dim, 256), "critic_target": Critic(a.state_dim, a.action_dim, 256),
-                "policy": GaussianPolicy(a.state_dim, a.action_dim, 256, a.distill_actor.action_scale)}
-        for k, m in ours.items():
-            theirs = list(self.modules()[k].state_dict().values())
-            m.load_state_dict(dict(zip(m.state_dict(), theirs)))
-        return ours
+        return ours_from_release({k: m.state_dict() for k, m in self.modules().items()}, a.state_dim, a.action_dim,
+                                 a.distill_actor.action_scale)
 
     def lrs(self) -> dict[str, float]:
         a = self.agent
@@ -221,7 +215,7 @@ def plot(result: dict, path: Path):
     recs = result["records"]
     steps = [r["step"] for r in recs]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for k in NETS:
+    for k in RELEASE_NETS:
         line, = axes[0].semilogy(steps, [r["ours_vs_release"][k] for r in recs], label=f"{k}: ours vs release")
         axes[0].semilogy(steps, [r["release_vs_permuted_release"][k] for r in recs], ls=":", color=line.get_color(),
                          label=f"{k}: release vs itself, rows permuted")

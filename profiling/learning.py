@@ -42,6 +42,7 @@ import torch
 from dtql_fast.seeds import format_seeds, parse_seeds
 from dtql_fast.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from dtql_fast.evaluate import env_seed  # every variant plays the envs train's evaluation plays
+from dtql_fast.profiling.release_nets import RELEASE_NETS, load_into_release, ours_from_release
 
 VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
 LOSSES = (("loss_bc", "behaviour cloning"), ("loss_tr", "trust region"), ("loss_pq", "policy: -Q"),
@@ -211,24 +212,19 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
 
 # -- the evaluator swap: which side's networks, which side's acting rule --------------------------
 
-RELEASE_NETS = {"diffusion": "bc_actor", "critic": "critic", "critic_target": "critic_target", "policy": "distill_actor"}
-
-
 def networks_of(folder: Path, seed: int | None = None) -> tuple[dict[str, dict], int]:
     """(our-layout state dicts of the four networks, step) of a release seed's folder (its resume checkpoint)
     or one of ours (checkpoint.pt; a group's agent by `seed`). The release's tensors are ours in the same
     order under other names (dtql_fast/nets.py mirrors its layers), so they are mapped by position."""
     from dtql_fast.checkpoint import agent_state, load_latest
-    from dtql_fast.nets import Critic, DiffusionNet, GaussianPolicy
 
     if (folder / RELEASE_CHECKPOINT).exists():
         state = torch.load(folder / RELEASE_CHECKPOINT, map_location="cpu", weights_only=False)
         cfg = json.loads((folder / CONFIG).read_text())
         S, A = state["nets"]["critic"]["v_model.0.weight"].shape[1], state["nets"]["bc_actor"]["layers.layers.7.weight"].shape[0]
-        shells = {"diffusion": DiffusionNet(S, A, 256), "critic": Critic(S, A, 256), "critic_target": Critic(S, A, 256),
-                  "policy": GaussianPolicy(S, A, 256, cfg["hyper"]["max_action"])}
-        return ({k: dict(zip(m.state_dict(), state["nets"][RELEASE_NETS[k]].values())) for k, m in shells.items()},
-                state["step"])
+        nets = ours_from_release({k: state["nets"][RELEASE_NETS[k]] for k in RELEASE_NETS}, S, A,
+                                 cfg["hyper"]["max_action"])
+        return {k: m.state_dict() for k, m in nets.items()}, state["step"]
     latest = load_latest(folder, map_location="cpu")
     st = agent_state(latest.ckpt)
     i = 0 if seed is None else st["seeds"].index(seed)
@@ -259,9 +255,7 @@ def swap(src: Path, folders: list[Path], task: str, dataset: str, episodes: int,
         for k, m in ours.modules().items():
             m.load_state_dict(nets[k])
         theirs = DTQL(device="cpu", state_dim=S, action_dim=A, action_space=space, repeats=h.num_candidates)
-        for k, m in ours.modules().items():
-            getattr(theirs, RELEASE_NETS[k]).load_state_dict(dict(zip(getattr(theirs, RELEASE_NETS[k]).state_dict(),
-                                                                       m.state_dict().values())))
+        load_into_release(theirs, {k: m.state_dict() for k, m in ours.modules().items()})
         s = seed if seed is not None else json.loads((folder / CONFIG).read_text()).get("seed", 0)
         ours_act = make_act_fn(ours.act, A, h.num_candidates, generator=torch.Generator().manual_seed(s))
         torch.manual_seed(s)

@@ -253,6 +253,23 @@ def render_acting(loaded: list) -> str:
                   "new / old", "largest action difference"], rows)
 
 
+def render_run_bench(loaded: list) -> str:
+    """profiling.run_bench: whole runs, old and new acting, evaluation in-line or in a worker, time split."""
+    rows = []
+    for d in loaded:
+        base = next(v for v in d["variants"] if v["variant"] == "old-inline")["process_wall_s"]
+        for v in d["variants"]:
+            t, split = v["time"], v["time"]["split"]
+            rows.append([v["variant"], f"{v['process_wall_s']:.1f}", f"{split['steps_s']:.1f}",
+                         f"{split['compile_s']:.1f}", f"{split['eval_s']:.1f}", f"{split['eval_wait_s']:.1f}",
+                         f"{100 * split['eval_wait_s'] / t['total_s']:.1f}%", f"{t.get('eval_off_path_s', 0):.1f}",
+                         ratio(base / v["process_wall_s"]),
+                         " / ".join(f"{e['score_mean']:.1f}" for e in v["evals"])])
+    return table(["variant", "process s", "training steps s", "compile s", "evaluation on the path s",
+                  "waiting for the worker s", "waiting, share of the run", "worker, off the path s",
+                  "vs old-inline", "scores at each evaluation"], rows)
+
+
 def render_peer_best(loaded: list) -> str:
     """The peer at its best: each row one run (its instruction set, its jax), ours against both FlowRL forms."""
     rows = []
@@ -330,6 +347,7 @@ TABLES: dict[str, Table] = {
                                     for i in (1, 2, 3)), render_inductor_options),
     "acting": Table((Source("acting/act-walker2d-threads1-2.json", date="2026-12-06"),
                      Source("acting/act-antmaze-threads1.json", date="2026-12-06")), render_acting),
+    "run-bench": Table((Source("run_bench/walker-1+20ep-eval5-threads1.json", date="2026-12-06"),), render_run_bench),
     "peer-flowrl-best": Table((Source("peer-flowrl-walker2d-threads1-jax0.10.2-native.json", date="2026-12-06"),
                                Source("peer-flowrl-walker2d-threads1-jax0.10.2-avx2.json", date="2026-12-06")),
                               render_peer_best),

@@ -142,16 +142,40 @@ def test_resume_redoes_the_evaluation_in_flight(inline, tmp_path, monkeypatch, c
 
 
 def test_where_to_evaluate(monkeypatch):
-    cpu = torch.device("cpu")
+    cpu, big = torch.device("cpu"), evalworker.AUTO_MIN_ENV_STEPS
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert evalworker.where_to_evaluate("auto", cpu, 1)[0] == {1}
-    assert evalworker.where_to_evaluate("auto", cpu, 2)[0] is None
+    assert evalworker.where_to_evaluate("auto", cpu, 1, big)[0] == {1}
+    assert evalworker.where_to_evaluate("auto", cpu, 1, big - 1)[0] is None  # too small to repay the start
+    assert evalworker.where_to_evaluate("auto", cpu, 1, None)[0] is None  # its size unknown
+    assert evalworker.where_to_evaluate("on", cpu, 1, None)[0] == {1}
+    assert evalworker.where_to_evaluate("auto", cpu, 2, big)[0] is None
     assert evalworker.where_to_evaluate("on", cpu, 2)[0] == {0, 1}  # no spare core: it shares the run's
-    assert evalworker.where_to_evaluate("off", cpu, 1)[0] is None
+    assert evalworker.where_to_evaluate("off", cpu, 1, big)[0] is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert evalworker.where_to_evaluate("auto", cpu, 2)[0] == {2, 3}
+    assert evalworker.where_to_evaluate("auto", cpu, 2, big)[0] == {2, 3}  # training's 2 threads, its own 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert evalworker.where_to_evaluate("auto", cpu, 2, big)[0] is None  # one spare core: too few for 2 threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert evalworker.where_to_evaluate("auto", cpu, 1)[0] is None  # one core: in-line
-    assert evalworker.where_to_evaluate("auto", torch.device("cuda"), 1)[0] is None
+    assert evalworker.where_to_evaluate("auto", cpu, 1, big)[0] is None  # one core: in-line
+    assert evalworker.where_to_evaluate("auto", torch.device("cuda"), 1, big)[0] is None
     with pytest.raises(ConfigError, match="--eval-worker on"):
         evalworker.where_to_evaluate("on", torch.device("cuda"), 1)
+
+
+def test_env_steps_per_evaluation_from_the_table():
+    walker = parse_args(["--task", "walker2d-medium-v2", "--seeds", "0-2"])
+    assert evalworker.env_steps_per_evaluation(walker) == 3 * 10 * 1000  # agents x episodes x Walker2d's limit
+    few = parse_args(["--task", "hopper-medium-v2", "--eval-episodes", "2"])
+    assert evalworker.env_steps_per_evaluation(few) == 2 * 1000 < evalworker.AUTO_MIN_ENV_STEPS
+    assert evalworker.env_steps_per_evaluation(parse_args([])) is None  # the demo data: not in the table
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="training on 2 threads needs 2 CPUs")
+def test_worker_rows_equal_inline_with_two_training_threads(tmp_path):
+    """The worker runs training's thread count, so with 2 training threads its rows are still in-line's (a
+    worker of one thread gave rows that differed by round-off)."""
+    two = [*TINY[:-2], "--threads", "2"]
+    train(parse_args([*two, "--out", str(tmp_path / "i"), "--eval-worker", "off"]))
+    train(parse_args([*two, "--out", str(tmp_path / "w"), "--eval-worker", "on"]))
+    rows = _evals(tmp_path / "w")
+    assert [r["step"] for r in rows] == EVAL_STEPS and rows == _evals(tmp_path / "i")

@@ -282,6 +282,7 @@ def test_train_flags_pass_through_and_command():
     assert fresh[1:7] == ["-m", "dtql_fast.train", "--task", "hopper-medium-v2", "--seeds", "0"]
     assert resume[3:5] == ["--resume", spec.run_dir] and "--task" not in resume
     assert fresh[-2:] == ["--threads", "1"] and "--epochs" in resume
+    assert fresh[-4:-2] == ["--eval-worker", "off"]  # Ray's reservation: no worker on another run's core
 
 
 def test_help_names_the_flags(capsys):

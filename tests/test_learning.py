@@ -5,6 +5,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from dtql_fast.profiling import learning
 
@@ -194,3 +195,26 @@ def test_a_release_seed_resumes_bit_for_bit(tmp_path, monkeypatch):
     straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
     assert len([r for r in straight if r["kind"] == "eval"]) == 4
     assert resumed == straight
+
+
+def test_release_networks_map_by_position():
+    """The release's tensors land in our networks in order, whatever their names, and back."""
+    from types import SimpleNamespace
+
+    from dtql_fast.nets import Critic, DiffusionNet, GaussianPolicy
+    from dtql_fast.profiling.release_nets import RELEASE_NETS, load_into_release, ours_from_release
+
+    S, A = 11, 3
+    shells = {"diffusion": DiffusionNet(S, A, 256), "critic": Critic(S, A, 256), "critic_target": Critic(S, A, 256),
+              "policy": GaussianPolicy(S, A, 256, 1.0)}
+    theirs = {k: {f"their_{i}": torch.randn_like(t) for i, t in enumerate(m.state_dict().values())}
+              for k, m in shells.items()}
+    ours = ours_from_release(theirs, S, A, 1.0)
+    for k in shells:
+        assert all(torch.equal(a, b) for a, b in zip(ours[k].state_dict().values(), theirs[k].values())), k
+    release = SimpleNamespace(bc_actor=DiffusionNet(S, A, 256), critic=Critic(S, A, 256),
+                              critic_target=Critic(S, A, 256), distill_actor=GaussianPolicy(S, A, 256, 1.0))
+    load_into_release(release, {k: m.state_dict() for k, m in ours.items()})
+    for k in shells:
+        got = getattr(release, RELEASE_NETS[k]).state_dict().values()
+        assert all(torch.equal(a, b) for a, b in zip(got, theirs[k].values())), k

@@ -2,8 +2,9 @@
 
 Tolerances (fp32, CPU):
 - one step from identical weights and draws: every loss within rtol 1e-5 (atol 1e-6); at least
-  99.9% of the weights of every tensor (all but 2, for small ones) within 1e-6 absolute of the
-  fp32 reference. The worst weight is bounded against the exact answer, the reference in float64:
+  99.9% of the weights of every tensor (all but 2, for small ones) within 1e-6 absolute of the exact
+  answer (the reference in float64), or no more than 3x as many off as the farthest fp32 sample (the
+  fp32 reference, or it fed its batch rows in other orders). The worst weight is bounded against the exact answer, the reference in float64:
   no farther from it than 5% of one Adam step (0.05 * lr) or 3x the round-off floor measured in
   the same run (the farthest of the fp32 reference and four fp32 references fed their batch rows
   in other orders), whichever is larger. Why a measured floor: tests/exact_reference.py.
@@ -23,7 +24,7 @@ from dtql_fast.transitions import Transitions
 from dtql_fast.optim import Adam
 from dtql_fast.steppers import StepRunner
 from dtql_fast.update import METRICS, PRETRAIN_METRICS, FastDTQL
-from exact_reference import RoundOff
+from exact_reference import FLOOR_FACTOR, RoundOff
 
 LOSSES = ("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq", "loss_policy")
 
@@ -50,16 +51,22 @@ def _check_losses(mr, mf, rtol, atol, keys=LOSSES, order=METRICS):
 
 
 def _check_params(ref, fast, atol, h, roundoff: RoundOff):
-    """All but 0.1% (or 2) of the weights within atol of the fp32 reference; the worst weight within
-    the round-off floor's bound from float64 (RoundOff.check). The critic and its target step with
-    critic_lr, the others with lr."""
+    """Against the exact answer (the float64 reference): no more of a tensor's weights farther than atol from
+    it than 0.1% (or 2), or FLOOR_FACTOR times as many as the farthest fp32 sample puts that far (the fp32
+    reference and its row-permuted copies: on an AVX2 build the fp32 reference itself lands 61-64 of antmaze's
+    first policy-layer weights over 1e-6 from float64, where the fast step lands none); and the worst weight
+    within the round-off floor's bound (RoundOff.check). The critic and its target step with critic_lr, the
+    others with lr."""
     fast_mods = fast.modules()
     for name, m in ref.modules().items():
         lr = h.critic_lr if name.startswith("critic") else h.lr
-        for (k, p), q in zip(m.named_parameters(), fast_mods[name].parameters()):
-            diff = (q - p.detach()).abs()
-            n_off = int((diff > atol).sum())
-            assert n_off <= max(2, 1e-3 * diff.numel()), f"{name}.{k}: {n_off} weights differ by more than {atol}"
+        exact = [e.detach().double() for e in roundoff.exact.agent.modules()[name].parameters()]
+        samples = [list(m.parameters())] + [list(a.modules()[name].parameters()) for a in roundoff.permuted]
+        for i, ((k, p), q) in enumerate(zip(m.named_parameters(), fast_mods[name].parameters())):
+            n_off = int(((q.detach().double() - exact[i]).abs() > atol).sum())
+            floor = max(int(((s[i].detach().double() - exact[i]).abs() > atol).sum()) for s in samples)
+            assert n_off <= max(2, 1e-3 * q.numel(), FLOOR_FACTOR * floor), \
+                f"{name}.{k}: {n_off} weights farther than {atol} from float64 (fp32 round-off: {floor})"
         roundoff.check(name, list(fast_mods[name].parameters()), list(m.parameters()), lr)
 
 

@@ -19,9 +19,9 @@ def net_shapes(agent: FastDTQL) -> dict:
 
 def check_fits(cfg: TrainConfig, bases: list[Hyper], widths: tuple[int, int], device: torch.device,
                eval_episodes: int):
-    """Refuse (footprint.GroupTooLarge) a run (`bases`: its tasks' tables with the command's overrides) whose agents' step, or acting in `eval_episodes` episodes per
-    agent, would not fit the device: the one memory estimate of every run, single seeds included. Its largest
-    grid cell is the one counted for all agents."""
+    """Refuse (footprint.GroupTooLarge) a run whose agents' step, or acting in `eval_episodes` episodes per
+    agent, would not fit the device: the one memory estimate of every run, single seeds included. `bases`:
+    its tasks' tables with the command's overrides; its largest grid cell is counted for all agents."""
     hypers = cfg.agent_hypers(bases)
     worst = max(hypers, key=lambda h: h.batch_size * h.noise_levels)
     # one agent's weights (hidden width fixed, batch 1) tell what the run needs, before it is built

@@ -63,15 +63,16 @@ def _override(name: str, *, group: str, grid: bool = False):
                                                      resume=rules["resume"], grid=grid), "hyper": name})
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def allowed_cores() -> set[int]:
+    """The cores this process may run on (all of them where the OS does not say: no sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
 
 
 # More torch threads than the CPUs this process may use only slow a step (and past 2**31 torch overflows)
-CPU_THREADS: Need = (lambda v: 1 <= v <= _usable_cpus(), f"1-{_usable_cpus()} (the CPUs this process may use)")
+CPU_THREADS: Need = (lambda v: 1 <= v <= len(allowed_cores()),
+                     f"1-{len(allowed_cores())} (the CPUs this process may use)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import types
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, allowed_cores
 
 
 # auto's floor: an evaluation of fewer env steps (at most; agents x episodes x the env's step limit) stays
@@ -84,13 +84,6 @@ def where_to_evaluate(mode: str, device: torch.device, threads: int,
         return set(cores), f"on the run's own {len(cores)} core(s): too few are spare for it"
     return set(spare), (f"on core {spare[0]}, the one" if len(spare) == 1 else
                         f"on the {len(spare)} cores") + f" torch's {threads} training thread(s) leave free"
-
-
-def allowed_cores() -> set[int]:
-    """The cores this process may run on (all of them where the OS does not say: no sched_getaffinity)."""
-    if hasattr(os, "sched_getaffinity"):
-        return os.sched_getaffinity(0)
-    return set(range(os.cpu_count() or 1))
 
 
 class WorkerFailed(RuntimeError):

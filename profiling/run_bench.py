@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dtql_fast.evalworker import allowed_cores
+from dtql_fast.config import allowed_cores
 from dtql_fast.profiling.variants import SHAPES, resolve_task
 from dtql_fast.runlog import TIME_PARTS, cpu_model
 from dtql_fast.tasks import TASKS

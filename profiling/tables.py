@@ -270,30 +270,29 @@ def render_run_bench(loaded: list) -> str:
                   "vs old-inline", "scores at each evaluation"], rows)
 
 
+PEER_ISA_HEADER = ["instruction set", "JAX", "ours, compiled", "FlowRL as shipped", "FlowRL one `jax.jit`"]
+
+
+def peer_isa_cells(d: dict) -> list[str]:
+    """A peer_flowrl run's first cells (PEER_ISA_HEADER): the instruction set each side ran, the JAX, three medians."""
+    isa = d["machine"]["isa"]
+    name = "native" if isa["asked"] == "native" else isa["asked"].upper()
+    return [f"{name} (ATen {isa['aten']}, inductor {isa['inductor']})", f"jax {d['jax']}",
+            *(f"{d['ms_median'][k]:.2f} ms" for k in ("ours", "flowrl_shipped", "flowrl_one_jit"))]
+
+
 def render_peer_best(loaded: list) -> str:
     """The peer at its best: each row one run (its instruction set, its jax), ours against both FlowRL forms."""
-    rows = []
-    for d in loaded:
-        isa = d["machine"]["isa"]
-        name = "native" if isa["asked"] == "native" else isa["asked"].upper()
-        rows.append([f"{name} (ATen {isa['aten']}, inductor {isa['inductor']})", f"jax {d['jax']}",
-                     *(f"{d['ms_median'][k]:.2f} ms" for k in ("ours", "flowrl_shipped", "flowrl_one_jit")),
-                     ratio(d["ours_faster_by"]["flowrl_shipped"]), ratio(d["ours_faster_by"]["flowrl_one_jit"]),
-                     f"{d['first_call_s']['ours']:.1f} s / {d['first_call_s']['flowrl_one_jit']:.1f} s"])
-    return table(["instruction set", "JAX", "ours, compiled", "FlowRL as shipped", "FlowRL one `jax.jit`",
-                  "ours faster than shipped", "than one-jit", "first call, ours / one-jit"], rows)
+    rows = [peer_isa_cells(d) + [ratio(d["ours_faster_by"]["flowrl_shipped"]),
+                                 ratio(d["ours_faster_by"]["flowrl_one_jit"]),
+                                 f"{d['first_call_s']['ours']:.1f} s / {d['first_call_s']['flowrl_one_jit']:.1f} s"]
+            for d in loaded]
+    return table(PEER_ISA_HEADER + ["ours faster than shipped", "than one-jit", "first call, ours / one-jit"], rows)
 
 
 def render_peer_isa(loaded: list) -> str:
-    rows = []
-    for d in loaded:
-        isa = d["machine"]["isa"]
-        name = "native" if isa["asked"] == "native" else isa["asked"].upper()
-        rows.append([f"{name} (ATen {isa['aten']}, inductor {isa['inductor']})", f"jax {d['jax']}",
-                     *(f"{d['ms_median'][k]:.2f} ms" for k in ("ours", "flowrl_shipped", "flowrl_one_jit")),
-                     ratio(d["ours_faster_by"]["flowrl_one_jit"])])
-    return table(["instruction set", "JAX", "ours, compiled", "FlowRL as shipped", "FlowRL one `jax.jit`",
-                  "ours faster than one-jit"], rows)
+    rows = [peer_isa_cells(d) + [ratio(d["ours_faster_by"]["flowrl_one_jit"])] for d in loaded]
+    return table(PEER_ISA_HEADER + ["ours faster than one-jit"], rows)
 
 
 def launch_count(entry: dict, parts: bool) -> str:

@@ -3,6 +3,8 @@
     python -m dtql_fast.profiling.learning run --release-src ~/src/Diffusion_Trusted_Q_Learning \\
         --task hopper-medium-v2 --dataset data/hopper-sac-medium.hdf5 --seeds 0-2 \\
         --pretrain-epochs 2 --epochs 18 --eval-every 3 --out runs/learning
+    python -m dtql_fast.profiling.learning probe runs/learning --task hopper-medium-v2 \
+        --dataset data/hopper-sac-medium.hdf5 --out profiling/results/learning
     python -m dtql_fast.profiling.learning report runs/learning --out profiling/results/learning
 
 `run` trains, one after another (pin the process to a core with `taskset -c 0` and the rest of the
@@ -16,6 +18,14 @@ machine stays usable), each of the variants asked for (--variants):
 Every variant is evaluated on the same envs (seed S plays env seeds S*10000+1000+j, as train does)
 with the same episodes, and writes a run folder like train's (metrics.jsonl, summary.json), so a
 finished variant is skipped when `run` is called again.
+
+`probe` measures every finished run's networks on the same 20,000 dataset rows: its critic's Q of its
+policy's actions and of the data's, V, how far the policy's actions lie from the data's, the policy's
+log std (and how much of it sits at the -5 clamp), and the EDM loss at four fixed noise levels on the
+policy's actions (the trust region) and on the data's (behaviour cloning). A score is one noisy
+number per evaluation; these are properties of what training made, with far less spread between seeds,
+so they can place a difference that the scores only hint at. `report` tabulates them when
+--out holds the probe.json.
 
 `report` draws the normalised score (mean over seeds, band: ± one standard error) and the bc, trust
 region and policy-Q losses of every variant in one figure, and tabulates final and best scores
@@ -272,6 +282,112 @@ def swap(src: Path, folders: list[Path], task: str, dataset: str, episodes: int,
     return rows
 
 
+# -- the networks probed: what each side's training made, measured where scores are too noisy --------
+
+# Noise levels of the trust-region and behaviour-cloning probes, fine to coarse (the training draws
+# sigma around sigma_data = 0.5, log-logistic).
+PROBE_SIGMAS = (0.01, 0.1, 0.5, 2.0)
+PROBE_STATES = 20_000
+# What probe_networks reports, in the order the report tabulates it.
+PROBE_STATS = (("q_policy", "Q of the policy's action (own critic)"), ("q_data", "Q of the data's action"),
+               ("q_gap", "Q(policy) - Q(data)"), ("v", "V"), ("action_gap", "mean |policy action - data action|"),
+               ("log_std", "policy log std before its clamp"), ("clamped", "share of log stds under -5 (clamped)"),
+               ("saturated", "share of |tanh(mu)| > 0.99")) + tuple(
+    (f"tr@{s}", f"trust region at sigma {s}") for s in PROBE_SIGMAS) + tuple(
+    (f"bc@{s}", f"behaviour cloning at sigma {s}") for s in PROBE_SIGMAS)
+
+
+def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hyper, seed: int = 0) -> dict:
+    """One run's networks on fixed dataset rows (s, a): its critic's view of its policy against the data,
+    the policy's spread, and the EDM losses at fixed noise levels (the trust region on the policy's own
+    actions, behaviour cloning on the data's), with noise drawn from `seed`, so every run is probed alike."""
+    from dtql_fast.edm import edm_loss
+    from dtql_fast.nets import LOG_STD_MIN
+    from dtql_fast.reference_layout import reference_modules
+
+    mods = reference_modules(s.shape[1], a.shape[1], hyper)
+    for k, m in mods.items():
+        m.load_state_dict(nets[k])
+    pol, critic, diffusion = mods["policy"], mods["critic"], mods["diffusion"]
+    g = torch.Generator().manual_seed(seed)
+    eps, noise = torch.randn(a.shape, generator=g), torch.randn(a.shape[0], 1, a.shape[1], generator=g)
+    with torch.no_grad():
+        mu, log_std = pol.net(s).chunk(2, dim=-1)
+        a_pi = pol.sample(s, eps)
+        q_pi, q_data = critic.q_min(s, a_pi).mean().item(), critic.q_min(s, a).mean().item()
+        out = {"q_policy": q_pi, "q_data": q_data, "q_gap": q_pi - q_data, "v": critic.value(s).mean().item(),
+               "action_gap": (a_pi - a).abs().mean().item(), "log_std": log_std.mean().item(),
+               "clamped": (log_std < LOG_STD_MIN).float().mean().item(),
+               "saturated": (torch.tanh(mu).abs() > 0.99).float().mean().item()}
+        for sig in PROBE_SIGMAS:
+            sigma = torch.full((a.shape[0], 1), sig)
+            out[f"tr@{sig}"] = edm_loss(diffusion, a_pi, s, sigma, noise, hyper.max_action).item()
+            out[f"bc@{sig}"] = edm_loss(diffusion, a, s, sigma, noise, hyper.max_action).item()
+    return out
+
+
+def _finished_seeds(folder: Path) -> list[tuple[int, Path, int | None]]:
+    """(seed, folder to load, group agent) of each finished run of a variant's folder."""
+    if (folder / METRICS).exists():  # a group
+        if not (folder / SUMMARY).exists():
+            return []
+        return [(s, folder, s) for s in sorted({r["seed"] for r in _rows(folder) if "seed" in r})]
+    return [(int(sub.name[4:]), sub, None) for sub in sorted(folder.glob("seed*")) if (sub / SUMMARY).exists()]
+
+
+def probe(root: Path, out: Path, task: str, dataset: str, states: int = PROBE_STATES) -> dict:
+    """probe_networks on every finished run under root (each variant, each seed) on the same dataset rows;
+    writes out/probe.json, which `report` tabulates against the release."""
+    from dtql_fast.data import load_dataset
+
+    loaded = load_dataset(task, dataset, "cpu")
+    d = loaded.transitions
+    rows = torch.randint(0, d.n, (states,), generator=torch.Generator().manual_seed(0))
+    s, a = d.obs[rows], d.actions[rows]
+    result = {"meta": {"task": task, "dataset": dataset, "states": states, "sigmas": list(PROBE_SIGMAS)},
+              "variants": {}}
+    for v in VARIANTS:
+        for seed, folder, agent in _finished_seeds(root / v) if (root / v).is_dir() else []:
+            nets, step = networks_of(folder, agent)
+            stats = {"step": step, **probe_networks(nets, s, a, loaded.task.hyper)}
+            result["variants"].setdefault(v, {})[str(seed)] = stats
+            print(f"{v} seed {seed} (step {step}): " + ", ".join(f"{k} {stats[k]:.4g}" for k, _ in PROBE_STATS[:6]),
+                  flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def probe_table(result: dict, reference: str = "release") -> list[str]:
+    """Markdown: every probe statistic, each variant's mean ± se over its seeds and Welch's p against
+    `reference`; only runs probed at the reference's final step count."""
+    variants = result["variants"]
+    if reference not in variants or len(variants) < 2:
+        return []
+    step = max(r["step"] for r in variants[reference].values())
+    vals = {v: [r for r in runs.values() if r["step"] == step] for v, runs in variants.items()}
+    others = [v for v in vals if v != reference and vals[v]]
+    lines = [f"Networks at step {step}, probed on {result['meta']['states']} dataset rows (`probe`): mean ± se over "
+             "seeds; p: Welch's test against the release.", "",
+             f"| statistic | {reference} (n={len(vals[reference])}) | "
+             + " | ".join(f"{v} (n={len(vals[v])}) | p" for v in others) + " |",
+             "|---|---|" + "---|---|" * len(others)]
+
+    def cell(xs):
+        st = _stats(xs)
+        return f"{st['mean']:.4g} ± {st['se']:.2g}" if st["n"] > 1 else f"{st['mean']:.4g}"
+
+    for key, title in PROBE_STATS:
+        ref = [r[key] for r in vals[reference]]
+        cells = []
+        for v in others:
+            xs = [r[key] for r in vals[v]]
+            w = welch(xs, ref)
+            cells.append(f"{cell(xs)} | " + (f"{w['p']:.3f}" if "p" in w else "-"))
+        lines.append(f"| {title} | {cell(ref)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # -- ours, through the trainer's own command ------------------------------------------------------
 
 def ours_command(variant: str, task: str, dataset: str, seeds: list[int], sched: dict, out: Path) -> list[list[str]]:
@@ -502,6 +618,8 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             cells = [f"{e['variants'][v]['mean']:.1f} ± {e['variants'][v]['se']:.1f} | "
                      + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-") for v in others]
             lines.append(f"| {e['step']} | {rel['mean']:.1f} ± {rel['se']:.1f} | " + " | ".join(cells) + " |")
+    if (out / "probe.json").exists():
+        lines += [""] + probe_table(json.loads((out / "probe.json").read_text()))
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table,
@@ -535,6 +653,13 @@ def main(argv=None):
     w.add_argument("--episodes", type=int, default=10)
     w.add_argument("--seed", type=int, help="a group folder's agent (default: the folder's own seed)")
     w.add_argument("--json", type=Path)
+    b = sub.add_parser("probe", help="every finished run's networks measured on the same dataset rows "
+                       "(its critic's view of its policy, the policy's spread, EDM losses at fixed noise levels)")
+    b.add_argument("root", type=Path)
+    b.add_argument("--task", default="walker2d-medium-v2")
+    b.add_argument("--dataset", required=True)
+    b.add_argument("--states", type=int, default=PROBE_STATES)
+    b.add_argument("--out", type=Path, required=True, help="where probe.json goes (report's --out, to tabulate it)")
     q = sub.add_parser("report", help="the figure and table of a run's folder")
     q.add_argument("root", type=Path)
     q.add_argument("--out", type=Path, required=True)
@@ -554,6 +679,9 @@ def main(argv=None):
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps(rows, indent=1))
+    elif a.cmd == "probe":
+        torch.set_num_threads(1)
+        probe(a.root, a.out, a.task, a.dataset, a.states)
     else:
         report(a.root, a.out, a.behaviour_score)
 

@@ -218,3 +218,57 @@ def test_release_networks_map_by_position():
     for k in shells:
         got = getattr(release, RELEASE_NETS[k]).state_dict().values()
         assert all(torch.equal(a, b) for a, b in zip(got, theirs[k].values())), k
+
+
+def test_probe_measures_the_networks_it_is_given():
+    """probe_networks' statistics are the formulas they name, on networks built to have known answers."""
+    from dtql_fast.edm import edm_loss
+    from dtql_fast.reference_layout import reference_modules
+    from dtql_fast.tasks import get_task
+
+    h = get_task("walker2d-medium-v2").hyper
+    S, A, B = 17, 6, 300
+    torch.manual_seed(3)
+    mods = reference_modules(S, A, h)
+    last = mods["policy"].net[-1]
+    with torch.no_grad():  # mu = 0.5 everywhere; log std -7 on half the dimensions (clamped), -1 on the rest
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.5] * A + [-7.0] * (A // 2) + [-1.0] * (A - A // 2)))
+    nets = {k: m.state_dict() for k, m in mods.items()}
+    s, a = torch.randn(B, S), torch.rand(B, A) * 2 - 1
+    got = learning.probe_networks(nets, s, a, h, seed=5)
+    assert got["clamped"] == pytest.approx(0.5) and got["saturated"] == 0.0
+    assert got["log_std"] == pytest.approx((-7.0 * (A // 2) - 1.0 * (A - A // 2)) / A)
+    assert got["q_gap"] == pytest.approx(got["q_policy"] - got["q_data"])
+    assert got["q_data"] == pytest.approx(mods["critic"].q_min(s, a).mean().item(), rel=1e-6)
+    g = torch.Generator().manual_seed(5)
+    eps, noise = torch.randn(a.shape, generator=g), torch.randn(B, 1, A, generator=g)
+    a_pi = mods["policy"].sample(s, eps)
+    assert got["action_gap"] == pytest.approx((a_pi - a).abs().mean().item(), rel=1e-6)
+    sigma = torch.full((B, 1), learning.PROBE_SIGMAS[1])
+    with torch.no_grad():
+        tr = edm_loss(mods["diffusion"], a_pi, s, sigma, noise, h.max_action).item()
+        bc = edm_loss(mods["diffusion"], a, s, sigma, noise, h.max_action).item()
+    assert got[f"tr@{learning.PROBE_SIGMAS[1]}"] == pytest.approx(tr, rel=1e-6)
+    assert got[f"bc@{learning.PROBE_SIGMAS[1]}"] == pytest.approx(bc, rel=1e-6)
+    assert {k for k, _ in learning.PROBE_STATS} == set(got)
+
+
+def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
+    stats = {k: 0.0 for k, _ in learning.PROBE_STATS}
+    rel = {str(i): {**stats, "step": 45000, "q_gap": x} for i, x in enumerate([3.0, 3.2, 3.4])}
+    ours = {str(i): {**stats, "step": 45000, "q_gap": x} for i, x in enumerate([2.0, 2.1, 2.3])}
+    ours["9"] = {**stats, "step": 30000, "q_gap": 100.0}  # unfinished: left out
+    lines = learning.probe_table({"meta": {"states": 10}, "variants": {"release": rel, "single-eager": ours}})
+    row = next(line for line in lines if line.startswith("| Q(policy) - Q(data) |"))
+    p = learning.welch([2.0, 2.1, 2.3], [3.0, 3.2, 3.4])["p"]
+    assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} |" in row and "2.133 ± 0.088" in row
+    # per-seed and group folders: only finished runs are probed
+    _write(tmp_path / "single-eager" / "seed0", _seed_rows([1.0]))
+    _write(tmp_path / "single-eager" / "seed1", _seed_rows([1.0]))
+    (tmp_path / "single-eager" / "seed1" / "summary.json").write_text("{}")
+    assert [x[0] for x in learning._finished_seeds(tmp_path / "single-eager")] == [1]
+    _write(tmp_path / "group-compiled", [r for s in (0, 4) for r in _seed_rows([1.0], seed=s)])
+    assert learning._finished_seeds(tmp_path / "group-compiled") == []
+    (tmp_path / "group-compiled" / "summary.json").write_text("{}")
+    assert [(s, a) for s, _, a in learning._finished_seeds(tmp_path / "group-compiled")] == [(0, 0), (4, 4)]

@@ -290,9 +290,9 @@ PROBE_SIGMAS = (0.01, 0.1, 0.5, 2.0)
 PROBE_STATES = 20_000
 # What probe_networks reports, in the order the report tabulates it.
 PROBE_STATS = (("q_policy", "Q of the policy's action (own critic)"), ("q_data", "Q of the data's action"),
-               ("q_gap", "Q(policy) - Q(data)"), ("v", "V"), ("action_gap", "mean |policy action - data action|"),
+               ("q_gap", "Q(policy) - Q(data)"), ("v", "V"), ("action_gap", "mean abs(policy action - data action)"),
                ("log_std", "policy log std before its clamp"), ("clamped", "share of log stds under -5 (clamped)"),
-               ("saturated", "share of |tanh(mu)| > 0.99")) + tuple(
+               ("saturated", "share of abs(tanh(mu)) > 0.99")) + tuple(
     (f"tr@{s}", f"trust region at sigma {s}") for s in PROBE_SIGMAS) + tuple(
     (f"bc@{s}", f"behaviour cloning at sigma {s}") for s in PROBE_SIGMAS)
 

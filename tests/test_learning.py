@@ -263,6 +263,7 @@ def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
     row = next(line for line in lines if line.startswith("| Q(policy) - Q(data) |"))
     p = learning.welch([2.0, 2.1, 2.3], [3.0, 3.2, 3.4])["p"]
     assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} |" in row and "2.133 ± 0.088" in row
+    assert all(line.count("|") == lines[2].count("|") for line in lines[2:])  # no title splits a row
     # per-seed and group folders: only finished runs are probed
     _write(tmp_path / "single-eager" / "seed0", _seed_rows([1.0]))
     _write(tmp_path / "single-eager" / "seed1", _seed_rows([1.0]))

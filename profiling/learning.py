@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -404,13 +405,32 @@ def ours_command(variant: str, task: str, dataset: str, seeds: list[int], sched:
     return [base + ["--seed", str(s), "--out", str(out / variant / f"seed{s}")] for s in seeds]
 
 
+def record_comparison(out: Path, meta: dict) -> None:
+    """out/comparison.json: what every variant under `out` was run with. Two `run` processes share a folder (the
+    release on one core, ours on the other), so each adds its variants to what is there, and writes the whole
+    file at once (a rename); a folder holding another task, dataset or schedule is refused, since its runs
+    could not be compared with these."""
+    path = out / "comparison.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        differ = [k for k in ("task", "dataset", "schedule") if old.get(k) != meta[k]]
+        if differ:
+            raise SystemExit(f"error: {out} holds runs with another {', '.join(differ)} ({path}); "
+                             "give --out a folder of its own")
+        meta = {**meta, "seeds": sorted(set(old.get("seeds", [])) | set(meta["seeds"])),
+                "variants": [v for v in VARIANTS if v in set(old.get("variants", [])) | set(meta["variants"])]}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
+
+
 def run(args) -> None:
     seeds = list(parse_seeds(args.seeds))
     sched = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "eval_every": args.eval_every,
              "steps_per_epoch": args.steps_per_epoch, "eval_episodes": args.eval_episodes}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comparison.json").write_text(json.dumps({"task": args.task, "dataset": args.dataset, "seeds": seeds,
-                                                          "schedule": sched, "variants": args.variants}, indent=2))
+    record_comparison(args.out, {"task": args.task, "dataset": args.dataset, "seeds": seeds, "schedule": sched,
+                                 "variants": args.variants})
     for variant in args.variants:
         if variant == "release":
             for s in seeds:

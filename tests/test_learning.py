@@ -273,3 +273,17 @@ def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
     assert learning._finished_seeds(tmp_path / "group-compiled") == []
     (tmp_path / "group-compiled" / "summary.json").write_text("{}")
     assert [(s, a) for s, _, a in learning._finished_seeds(tmp_path / "group-compiled")] == [(0, 0), (4, 4)]
+
+
+def test_two_runs_into_one_folder_share_its_record(tmp_path):
+    """The release's `run` and ours' share a folder: each adds its variants; another schedule is refused."""
+    sched = {"epochs": 40, "pretrain_epochs": 5, "eval_every": 5, "steps_per_epoch": 1000, "eval_episodes": 10}
+    meta = {"task": "walker2d-medium-v2", "dataset": "d.hdf5", "seeds": [0, 1], "schedule": sched}
+    learning.record_comparison(tmp_path, {**meta, "variants": ["single-eager", "group-compiled"]})
+    learning.record_comparison(tmp_path, {**meta, "seeds": [2], "variants": ["release"]})
+    got = json.loads((tmp_path / "comparison.json").read_text())
+    assert got["variants"] == ["release", "single-eager", "group-compiled"] and got["seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="another schedule"):
+        learning.record_comparison(tmp_path, {**meta, "schedule": {**sched, "epochs": 150}, "variants": ["release"]})
+    assert json.loads((tmp_path / "comparison.json").read_text()) == got
+    assert [p.name for p in tmp_path.iterdir()] == ["comparison.json"]

@@ -520,17 +520,26 @@ def welch(a: list[float], b: list[float]) -> dict:
     return {"diff": diff, "se": se, "t": t, "df": df, "p": p, "mde80": mde, "n": [na, nb]}
 
 
+def complete(per_seed: dict[int, list[dict]], final_step: int | None = None) -> dict[int, list[dict]]:
+    """The seeds whose evaluations reached `final_step` (default: the furthest any of them reached): a seed
+    still running would put an early evaluation among the final ones."""
+    last = {s: max((r["step"] for r in rows if r["kind"] == "eval"), default=-1) for s, rows in per_seed.items()}
+    target = final_step if final_step is not None else max(last.values(), default=-1)
+    return {s: rows for s, rows in per_seed.items() if last[s] >= target >= 0}
+
+
 def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = "release") -> list[dict]:
-    """At every evaluation step that every variant's every seed reached: each variant's mean and standard
-    error over its seeds, and Welch's test against `reference`."""
+    """At every evaluation step that every variant reached (with the seeds that reached it, so n may differ
+    from step to step while seeds are running): each variant's mean and standard error over its seeds, and
+    Welch's test against `reference`."""
     scores = {v: {} for v in variants}
     for v, d in variants.items():
         for rows in d.values():
             for r in rows:
                 if r["kind"] == "eval" and r.get("score_mean") is not None:
                     scores[v].setdefault(r["step"], []).append(r["score_mean"])
-    common = sorted(set.intersection(*(set(k for k, x in scores[v].items() if len(x) == len(variants[v]))
-                                       for v in variants))) if variants else []
+    # every step that each variant reached with at least one seed (a seed still running counts where it got)
+    common = sorted(set.intersection(*(set(scores[v]) for v in variants))) if variants else []
     out = []
     for step in common:
         row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants}}
@@ -569,7 +578,12 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     meta = json.loads((root / "comparison.json").read_text()) if (root / "comparison.json").exists() else {}
     variants = {v: read_variant(root / v) for v in VARIANTS if (root / v).is_dir()}
     variants = {v: d for v, d in variants.items() if d}
-    table = {v: summarise(d) for v, d in variants.items()}
+    sched = meta.get("schedule") or {}
+    final_step = ((sched["pretrain_epochs"] + sched["epochs"]) * sched["steps_per_epoch"]
+                  if all(sched.get(k) for k in ("epochs", "pretrain_epochs", "steps_per_epoch")) else None)
+    done = {v: complete(d, final_step) for v, d in variants.items()}
+    partial = {v: sorted(set(d) - set(done[v])) for v, d in variants.items() if set(d) - set(done[v])}
+    table = {v: summarise(d) for v, d in done.items()}
     for v, t in table.items():
         if t:
             t["finished"] = _finished(root / v)
@@ -587,7 +601,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     axes = axes.flatten()
     for ax in axes[len(panels):]:
         ax.axis("off")
-    for v, d in variants.items():
+    for v, d in done.items():  # curves of the seeds that finished (a band over a changing set of seeds would jump)
         for ax, (kind, key, title) in zip(axes, panels):
             x, m, se = curves(d, kind, key)
             if len(x):
@@ -616,6 +630,10 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                      f"{b['mean']:.1f} ± {b['std']:.1f} (± {b['se']:.1f}) | {vs_txt} |")
     if not all(t.get("finished", True) for t in table.values()):
         lines += ["", "† not finished: its latest evaluation counts as final."]
+    if partial:
+        lines += ["", "Seeds still running, left out of the final, best and last-three figures (they are in the "
+                  "per-evaluation table up to where they got): "
+                  + "; ".join(f"{v} {', '.join(map(str, ss))}" for v, ss in partial.items()) + "."]
     welched = {v: t["welch_last3"] for v, t in table.items() if t and "welch_last3" in t}
     if welched:
         lines += ["", f"Each seed's mean over its last {LAST} evaluations, against the release (Welch's t-test; "
@@ -630,14 +648,18 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                             if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |"))
     if evals and "vs" in evals[0]:
         others = [v for v in variants if v != "release"]
-        lines += ["", "At every evaluation: mean ± se over seeds; for each variant, Welch's p against the release.", "",
+        lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "
+                  "Welch's p against the release.", "",
                   "| step | release | " + " | ".join(f"{v} | p" for v in others) + " |",
                   "|---|---|" + "---|---|" * len(others)]
+
+        def cell(st):
+            return f"{st['mean']:.1f} ± {st['se']:.1f} (n={st['n']})" if st["n"] > 1 else f"{st['mean']:.1f} (n=1)"
+
         for e in evals:
-            rel = e["variants"]["release"]
-            cells = [f"{e['variants'][v]['mean']:.1f} ± {e['variants'][v]['se']:.1f} | "
-                     + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-") for v in others]
-            lines.append(f"| {e['step']} | {rel['mean']:.1f} ± {rel['se']:.1f} | " + " | ".join(cells) + " |")
+            cells = [cell(e["variants"][v]) + " | " + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-")
+                     for v in others]
+            lines.append(f"| {e['step']} | {cell(e['variants']['release'])} | " + " | ".join(cells) + " |")
     if (out / "probe.json").exists():
         lines += [""] + probe_table(json.loads((out / "probe.json").read_text()))
     text = "\n".join(lines) + "\n"

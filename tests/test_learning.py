@@ -103,7 +103,25 @@ def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path)
     assert table["release"]["last3"]["values"] == pytest.approx([94 / 3, 118 / 3, 122 / 3])
     assert table["group-compiled"]["last3"]["values"] == pytest.approx([25.0, 38.5, 36.0])
     text = (tmp_path / "out" / "table.md").read_text()
-    assert "| 2000 | 45.0 ± 2.9 |" in text and "mde80" in text
+    assert "| 2000 | 45.0 ± 2.9 (n=3) |" in text and "mde80" in text
+
+
+def test_a_running_seed_is_compared_where_it_got_and_left_out_of_the_final_figures(tmp_path):
+    root = tmp_path / "cmp"
+    (root / "release").mkdir(parents=True)
+    (root / "comparison.json").write_text(json.dumps({"schedule": {"epochs": 2, "pretrain_epochs": 1,
+                                                                   "steps_per_epoch": 1000}}))
+    for s, scores in enumerate([[10, 40, 44], [20, 50, 48], [30]]):  # seed 2 still running
+        _write(root / "release" / f"seed{s}", _seed_rows(scores))
+    for s, scores in enumerate([[12, 38, 41], [25, 52, 49]]):
+        _write(root / "single-eager" / f"seed{s}", _seed_rows(scores))
+    table = learning.report(root, tmp_path / "out")
+    assert table["release"]["final"]["values"] == [44, 48]  # not seed 2's 30 at step 1000
+    rows = learning.per_evaluation({v: learning.read_variant(root / v) for v in ("release", "single-eager")})
+    assert [r["step"] for r in rows] == [1000, 2000, 3000]
+    assert rows[0]["variants"]["release"]["values"] == [10, 20, 30] and rows[2]["variants"]["release"]["n"] == 2
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "left out of the final" in text and "release 2" in text
 
 
 FAKE_RELEASE = '''

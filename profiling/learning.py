@@ -3,7 +3,7 @@
     python -m dtql_fast.profiling.learning run --release-src ~/src/Diffusion_Trusted_Q_Learning \\
         --task hopper-medium-v2 --dataset data/hopper-sac-medium.hdf5 --seeds 0-2 \\
         --pretrain-epochs 2 --epochs 18 --eval-every 3 --out runs/learning
-    python -m dtql_fast.profiling.learning probe runs/learning --task hopper-medium-v2 \
+    python -m dtql_fast.profiling.learning probe runs/learning --task hopper-medium-v2 \\
         --dataset data/hopper-sac-medium.hdf5 --out profiling/results/learning
     python -m dtql_fast.profiling.learning report runs/learning --out profiling/results/learning
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ import torch
 
 from dtql_fast.seeds import format_seeds, parse_seeds
 from dtql_fast.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY
+from dtql_fast.runstatus import write_json_atomic
 from dtql_fast.evaluate import env_seed  # every variant plays the envs train's evaluation plays
 from dtql_fast.profiling.release_nets import RELEASE_NETS, load_into_release, ours_from_release
 
@@ -419,9 +419,7 @@ def record_comparison(out: Path, meta: dict) -> None:
                              "give --out a folder of its own")
         meta = {**meta, "seeds": sorted(set(old.get("seeds", [])) | set(meta["seeds"])),
                 "variants": [v for v in VARIANTS if v in set(old.get("variants", [])) | set(meta["variants"])]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, meta)
 
 
 def run(args) -> None:

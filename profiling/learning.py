@@ -332,7 +332,7 @@ def _finished_seeds(folder: Path) -> list[tuple[int, Path, int | None]]:
     if (folder / METRICS).exists():  # a group
         if not (folder / SUMMARY).exists():
             return []
-        return [(s, folder, s) for s in sorted({r["seed"] for r in _rows(folder) if "seed" in r})]
+        return [(s, folder, s) for s in sorted(read_variant(folder))]
     return [(int(sub.name[4:]), sub, None) for sub in sorted(folder.glob("seed*")) if (sub / SUMMARY).exists()]
 
 
@@ -474,13 +474,6 @@ def read_variant(folder: Path) -> dict[int, list[dict]]:
     return per_seed
 
 
-def _finished(folder: Path) -> bool:
-    """Every run of a variant's folder wrote its summary.json (a group: one; per seed: each)."""
-    if (folder / METRICS).exists():
-        return (folder / SUMMARY).exists()
-    return all((sub / SUMMARY).exists() for sub in folder.glob("seed*") if (sub / METRICS).exists())
-
-
 def _stats(xs: list[float]) -> dict:
     n = len(xs)
     mean = statistics.fmean(xs)
@@ -583,8 +576,8 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     partial = {v: sorted(set(d) - set(done[v])) for v, d in variants.items() if set(d) - set(done[v])}
     table = {v: summarise(d) for v, d in done.items()}
     for v, t in table.items():
-        if t:
-            t["finished"] = _finished(root / v)
+        if t:  # every seed counted here wrote its summary.json (a group: the group's)
+            t["finished"] = set(done[v]) <= {seed for seed, _, _ in _finished_seeds(root / v)}
     if "release" in table and table["release"]:
         for v, t in table.items():
             if v != "release" and t:

@@ -115,13 +115,18 @@ def test_a_running_seed_is_compared_where_it_got_and_left_out_of_the_final_figur
         _write(root / "release" / f"seed{s}", _seed_rows(scores))
     for s, scores in enumerate([[12, 38, 41], [25, 52, 49]]):
         _write(root / "single-eager" / f"seed{s}", _seed_rows(scores))
+    for v in ("release", "single-eager"):
+        for s in range(2):
+            (root / v / f"seed{s}" / "summary.json").write_text("{}")
     table = learning.report(root, tmp_path / "out")
+    assert table["release"]["finished"]  # the seeds it counts finished; the running one is left out, not a dagger
     assert table["release"]["final"]["values"] == [44, 48]  # not seed 2's 30 at step 1000
     rows = learning.per_evaluation({v: learning.read_variant(root / v) for v in ("release", "single-eager")})
     assert [r["step"] for r in rows] == [1000, 2000, 3000]
     assert rows[0]["variants"]["release"]["values"] == [10, 20, 30] and rows[2]["variants"]["release"]["n"] == 2
     text = (tmp_path / "out" / "table.md").read_text()
     assert "left out of the final" in text and "release 2" in text
+    assert "| release | 2 |" in text and "†" not in text
 
 
 FAKE_RELEASE = '''

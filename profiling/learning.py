@@ -336,11 +336,18 @@ def _finished_seeds(folder: Path) -> list[tuple[int, Path, int | None]]:
     return [(int(sub.name[4:]), sub, None) for sub in sorted(folder.glob("seed*")) if (sub / SUMMARY).exists()]
 
 
-def probe(root: Path, out: Path, task: str, dataset: str, states: int = PROBE_STATES) -> dict:
+def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = None,
+          states: int = PROBE_STATES) -> dict:
     """probe_networks on every finished run under root (each variant, each seed) on the same dataset rows;
-    writes out/probe.json, which `report` tabulates against the release."""
+    writes out/probe.json, which `report` tabulates against the release. Task and dataset: root's
+    comparison.json (what `run` trained on) unless given."""
     from dtql_fast.data import load_dataset
 
+    meta = json.loads((root / "comparison.json").read_text()) if (root / "comparison.json").exists() else {}
+    task, dataset = task or meta.get("task"), dataset or meta.get("dataset")
+    if not task or not dataset:
+        raise SystemExit(f"error: {root} has no comparison.json naming the runs' task and dataset; "
+                         "give --task and --dataset")
     loaded = load_dataset(task, dataset, "cpu")
     d = loaded.transitions
     rows = torch.randint(0, d.n, (states,), generator=torch.Generator().manual_seed(0))
@@ -689,8 +696,8 @@ def main(argv=None):
     b = sub.add_parser("probe", help="every finished run's networks measured on the same dataset rows "
                        "(its critic's view of its policy, the policy's spread, EDM losses at fixed noise levels)")
     b.add_argument("root", type=Path)
-    b.add_argument("--task", default="walker2d-medium-v2")
-    b.add_argument("--dataset", required=True)
+    b.add_argument("--task", help="default: the task in ROOT/comparison.json (what `run` trained)")
+    b.add_argument("--dataset", help="default: the dataset in ROOT/comparison.json")
     b.add_argument("--states", type=int, default=PROBE_STATES)
     b.add_argument("--out", type=Path, required=True, help="where probe.json goes (report's --out, to tabulate it)")
     q = sub.add_parser("report", help="the figure and table of a run's folder")

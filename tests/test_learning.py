@@ -310,3 +310,12 @@ def test_two_runs_into_one_folder_share_its_record(tmp_path):
         learning.record_comparison(tmp_path, {**meta, "schedule": {**sched, "epochs": 150}, "variants": ["release"]})
     assert json.loads((tmp_path / "comparison.json").read_text()) == got
     assert [p.name for p in tmp_path.iterdir()] == ["comparison.json"]
+
+
+def test_probe_reads_task_and_dataset_from_the_comparison_it_probes(tmp_path):
+    with pytest.raises(SystemExit, match="give --task and --dataset"):
+        learning.probe(tmp_path, tmp_path / "out")
+    (tmp_path / "comparison.json").write_text(json.dumps({"task": "walker2d-medium-v2",
+                                                          "dataset": str(tmp_path / "missing.hdf5")}))
+    with pytest.raises(Exception, match="missing.hdf5"):  # the recorded dataset is the one it loads
+        learning.probe(tmp_path, tmp_path / "out")

@@ -518,6 +518,18 @@ def welch(a: list[float], b: list[float]) -> dict:
     return {"diff": diff, "se": se, "t": t, "df": df, "p": p, "mde80": mde, "n": [na, nb]}
 
 
+def rank_test(a: list[float], b: list[float]) -> dict:
+    """Mann-Whitney's exact two-sided test of a against b: assumes nothing about the scores' shape, which for a
+    walker seed is two-humped (it walks at 60-75 or falls below 20), where Welch's normal approximation is
+    doubtful with five seeds. Its floor: with 5 against 5 the smallest p it can give is 2/252 = 0.008, with 3
+    against 3 it is 0.1, so three seeds a side can never reach 5% with it."""
+    from scipy import stats as st
+    if not a or not b:
+        return {}
+    r = st.mannwhitneyu(a, b, alternative="two-sided", method="exact")
+    return {"u": float(r.statistic), "p": float(r.pvalue), "n": [len(a), len(b)]}
+
+
 def complete(per_seed: dict[int, list[dict]], final_step: int | None = None) -> dict[int, list[dict]]:
     """The seeds whose evaluations reached `final_step` (default: the furthest any of them reached): a seed
     still running would put an early evaluation among the final ones."""
@@ -591,6 +603,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                 t["vs_release_final"] = agreement(t["final"], table["release"]["final"])
                 t["vs_release_best"] = agreement(t["best"], table["release"]["best"])
                 t["welch_last3"] = welch(t["last3"]["values"], table["release"]["last3"]["values"])
+                t["rank_last3"] = rank_test(t["last3"]["values"], table["release"]["last3"]["values"])
     evals = per_evaluation(variants)
     out.mkdir(parents=True, exist_ok=True)
     panels = [("eval", "score_mean", "normalised score")] + [("train", k, t) for k, t in LOSSES]
@@ -636,14 +649,17 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     if welched:
         lines += ["", f"Each seed's mean over its last {LAST} evaluations, against the release (Welch's t-test; "
                   "mde80: the difference this test detects at the 5% level with 80% probability, given these "
-                  "seeds' spreads; a smaller difference can hide here):", "",
-                  "| variant | mean ± se | release mean ± se | diff | t | df | p | mde80 |", "|---|---|---|---|---|---|---|---|"]
+                  "seeds' spreads; a smaller difference can hide here; rank p: Mann-Whitney's exact test, which assumes no "
+                  "shape of the scores):", "",
+                  "| variant | mean ± se | release mean ± se | diff | t | df | p | mde80 | rank p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         rel = table["release"]["last3"]
         for v, w in welched.items():
-            m = table[v]["last3"]
+            m, r = table[v]["last3"], table[v].get("rank_last3") or {}
             lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
                          + (f"{w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | {w['mde80']:.1f} |"
-                            if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |"))
+                            if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
+                         + (f" {r['p']:.3f} |" if "p" in r else " - |"))
     if evals and "vs" in evals[0]:
         others = [v for v in variants if v != "release"]
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "

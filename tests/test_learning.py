@@ -60,6 +60,8 @@ def test_report_reads_per_seed_and_group_folders(tmp_path):
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| group-compiled | 3 |" in text and "| release † | 3 |" in text and "Behaviour data: 24.7" in text
+    rank = learning.rank_test([25.0, 38.5, 36.0], [25.0, 35.0, 37.5])  # each seed's mean of its (two) evaluations
+    assert table["group-compiled"]["rank_last3"] == rank and f"| {rank['p']:.3f} |" in text and "rank p" in text
     steps, mean, se = learning.curves(learning.read_variant(root / "release"), "eval", "score_mean")
     assert list(steps) == [1000, 2000] and mean[1] == pytest.approx(45.0)
 
@@ -86,6 +88,17 @@ def test_welch_is_scipys_unequal_variance_test_and_states_its_power():
     shifted = learning.welch([x + w["mde80"] - w["diff"] for x in a], b)
     assert shifted["p"] < 0.05
     assert learning.welch([x - w["diff"] + 0.1 * w["mde80"] for x in a], b)["p"] > 0.5
+
+
+def test_rank_test_is_mann_whitneys_exact_test_with_its_floor():
+    # 5 against 5, every value of a above every value of b: the most extreme ordering, p = 2 / C(10, 5)
+    r = learning.rank_test([60.0, 61.0, 70.0, 72.0, 75.0], [10.0, 12.0, 15.0, 50.0, 55.0])
+    assert r["u"] == 25.0 and r["p"] == pytest.approx(2 / 252)
+    # an outlier moves Welch's p but not the ranks
+    a, b = [60.0, 61.0, 70.0, 72.0, 75.0], [10.0, 62.0, 63.0, 64.0, 65.0]
+    assert learning.rank_test(a, b)["p"] == learning.rank_test(a, [-1e6] + b[1:])["p"]
+    # three a side cannot reach 5%: the floor is 2 / C(6, 3) = 0.1
+    assert learning.rank_test([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])["p"] == pytest.approx(0.1)
 
 
 def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path):

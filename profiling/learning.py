@@ -376,7 +376,8 @@ def probe_table(result: dict, reference: str = "release") -> list[str]:
     vals = {v: [r for r in runs.values() if r["step"] == step] for v, runs in variants.items()}
     others = [v for v in vals if v != reference and vals[v]]
     lines = [f"Networks at step {step}, probed on {result['meta']['states']} dataset rows (`probe`): mean ± se over "
-             "seeds; p: Welch's test against the release.", "",
+             f"seeds; p: Welch's test against the release, and in brackets Holm's adjustment over the {len(PROBE_STATS)} "
+             "statistics (when nothing differs, about one test in twenty falls under 0.05 by chance).", "",
              f"| statistic | {reference} (n={len(vals[reference])}) | "
              + " | ".join(f"{v} (n={len(vals[v])}) | p" for v in others) + " |",
              "|---|---|" + "---|---|" * len(others)]
@@ -385,15 +386,26 @@ def probe_table(result: dict, reference: str = "release") -> list[str]:
         st = _stats(xs)
         return f"{st['mean']:.4g} ± {st['se']:.2g}" if st["n"] > 1 else f"{st['mean']:.4g}"
 
-    for key, title in PROBE_STATS:
+    ps = {v: holm([welch([r[k] for r in vals[v]], [r[k] for r in vals[reference]]).get("p") for k, _ in PROBE_STATS])
+          for v in others}
+    for i, (key, title) in enumerate(PROBE_STATS):
         ref = [r[key] for r in vals[reference]]
-        cells = []
-        for v in others:
-            xs = [r[key] for r in vals[v]]
-            w = welch(xs, ref)
-            cells.append(f"{cell(xs)} | " + (f"{w['p']:.3f}" if "p" in w else "-"))
+        cells = [f"{cell([r[key] for r in vals[v]])} | "
+                 + (f"{ps[v][i][0]:.3f} ({ps[v][i][1]:.2f})" if ps[v][i][0] is not None else "-") for v in others]
         lines.append(f"| {title} | {cell(ref)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def holm(ps: list[float | None]) -> list[tuple[float | None, float | None]]:
+    """(p, Holm-adjusted p) for each of a family of tests (None: not tested): the i-th smallest of m p values is
+    multiplied by m - i, made monotone and capped at 1, which holds the chance of any false finding at 5%."""
+    tested = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    out: list[tuple[float | None, float | None]] = [(None, None)] * len(ps)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = (p, running)
+    return out
 
 
 # -- ours, through the trainer's own command ------------------------------------------------------
@@ -524,10 +536,44 @@ def rank_test(a: list[float], b: list[float]) -> dict:
     doubtful with five seeds. Its floor: with 5 against 5 the smallest p it can give is 2/252 = 0.008, with 3
     against 3 it is 0.1, so three seeds a side can never reach 5% with it."""
     from scipy import stats as st
-    if not a or not b:
+    if len(a) < 2 or len(b) < 2:  # as for Welch: one run is not a sample
         return {}
     r = st.mannwhitneyu(a, b, alternative="two-sided", method="exact")
     return {"u": float(r.statistic), "p": float(r.pvalue), "n": [len(a), len(b)]}
+
+
+STEADINESS = (("fell", "share of episodes that ended before the env's step limit (fell)", "{:.2f}"),
+              ("spread", "spread of episode scores within an evaluation (std)", "{:.1f}"),
+              ("full", "score of the episodes that ran to the limit", "{:.1f}"))
+
+
+def steadiness(per_seed: dict[int, list[dict]], from_step: int, limit: int) -> dict[int, dict]:
+    """Per seed, over its evaluations at `from_step` or later: how often an episode ended before the env's step
+    limit (a walker that fell), the std of episode scores within one evaluation (averaged over evaluations), and
+    the mean score of the episodes that ran to the limit. A seed's final score mixes these; they say whether a
+    lower score is a policy that falls more often or one that walks worse."""
+    out = {}
+    for seed, rows in per_seed.items():
+        ev = [r for r in rows if r["kind"] == "eval" and r["step"] >= from_step and r.get("lengths") and r.get("scores")]
+        if not ev:
+            continue
+        lengths = [n for r in ev for n in r["lengths"]]
+        full = [x for r in ev for x, n in zip(r["scores"], r["lengths"]) if n >= limit]
+        out[seed] = {"fell": sum(n < limit for n in lengths) / len(lengths),
+                     "spread": statistics.fmean(statistics.pstdev(r["scores"]) if len(r["scores"]) > 1 else 0.0
+                                                for r in ev),
+                     "full": statistics.fmean(full) if full else float("nan"), "episodes": len(lengths)}
+    return out
+
+
+def _step_limit(task: str | None, rows: list[dict]) -> int:
+    """The env's step limit (gymnasium's registry for the task's env), else the longest episode seen."""
+    try:
+        import gymnasium as gym
+        from dtql_fast.tasks import TASKS
+        return int(gym.spec(TASKS[task].env_id).max_episode_steps)
+    except Exception:  # an unknown task or no gymnasium: what the episodes themselves show
+        return max((n for r in rows if r.get("lengths") for n in r["lengths"]), default=0)
 
 
 def complete(per_seed: dict[int, list[dict]], final_step: int | None = None) -> dict[int, list[dict]]:
@@ -548,13 +594,15 @@ def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = 
             for r in rows:
                 if r["kind"] == "eval" and r.get("score_mean") is not None:
                     scores[v].setdefault(r["step"], []).append(r["score_mean"])
-    # every step that each variant reached with at least one seed (a seed still running counts where it got)
-    common = sorted(set.intersection(*(set(scores[v]) for v in variants))) if variants else []
+    # every step that each variant reached with at least one seed (a seed still running counts where it got);
+    # a variant with no evaluation yet is left out rather than emptying the table
+    reached = [set(scores[v]) for v in variants if scores[v]]
+    common = sorted(set.intersection(*reached)) if reached else []
     out = []
     for step in common:
-        row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants}}
-        if reference in variants:
-            row["vs"] = {v: welch(scores[v][step], scores[reference][step]) for v in variants if v != reference}
+        row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants if scores[v]}}
+        if reference in row["variants"]:
+            row["vs"] = {v: welch(scores[v][step], scores[reference][step]) for v in row["variants"] if v != reference}
         out.append(row)
     return out
 
@@ -605,6 +653,18 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                 t["welch_last3"] = welch(t["last3"]["values"], table["release"]["last3"]["values"])
                 t["rank_last3"] = rank_test(t["last3"]["values"], table["release"]["last3"]["values"])
     evals = per_evaluation(variants)
+    # steadiness over the second half of training (the first evaluations are of a policy still forming)
+    half = (sched["pretrain_epochs"] + sched["epochs"] / 2) * sched["steps_per_epoch"] if final_step else 0
+    limit = _step_limit(meta.get("task"), [r for d in done.values() for rows in d.values() for r in rows])
+    steady = {v: steadiness(d, half, limit) for v, d in done.items()}
+    if steady.get("release"):
+        for v, st_v in steady.items():
+            if v != "release" and len(st_v) > 1 and table.get(v):
+                table[v]["steadiness"] = {}
+                for k, _, _ in STEADINESS:  # a seed none of whose episodes ran to the limit has no 'full' score
+                    a, b = ([x[k] for x in d.values() if not math.isnan(x[k])] for d in (st_v, steady["release"]))
+                    table[v]["steadiness"][k] = ({"welch": welch(a, b), "rank": rank_test(a, b)}
+                                                 if len(a) > 1 and len(b) > 1 else {})
     out.mkdir(parents=True, exist_ok=True)
     panels = [("eval", "score_mean", "normalised score")] + [("train", k, t) for k, t in LOSSES]
     cols = 4
@@ -661,7 +721,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                             if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
                          + (f" {r['p']:.3f} |" if "p" in r else " - |"))
     if evals and "vs" in evals[0]:
-        others = [v for v in variants if v != "release"]
+        others = [v for v in evals[0]["variants"] if v != "release"]  # those that have evaluated
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "
                   "Welch's p against the release.", "",
                   "| step | release | " + " | ".join(f"{v} | p" for v in others) + " |",
@@ -674,12 +734,33 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             cells = [cell(e["variants"][v]) + " | " + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-")
                      for v in others]
             lines.append(f"| {e['step']} | {cell(e['variants']['release'])} | " + " | ".join(cells) + " |")
+    if any(steady.values()):
+        shown = [v for v in steady if steady[v]]
+        lines += ["", f"How steady the policies are, over the evaluations from step {half:.0f} on (the second half of "
+                  f"training; an episode 'fell' when it ended before the env's {limit} steps): mean ± se over seeds, "
+                  "each seed's value over all its episodes there; p: Welch's test against the release, then "
+                  "Mann-Whitney's exact rank p.", "",
+                  "| measure | " + " | ".join(f"{v} (n={len(steady[v])})" + (" | p | rank p" if v != "release" else "")
+                                           for v in shown) + " |",
+                  "|---|" + "".join("---|" + ("---|---|" if v != "release" else "") for v in shown)]
+        for k, title, fmt in STEADINESS:
+            cells = []
+            for v in shown:
+                xs = [x[k] for x in steady[v].values() if not math.isnan(x[k])]
+                st_ = _stats(xs) if xs else None
+                cell = "-" if not st_ else (fmt.format(st_["mean"]) + (f" ± {fmt.format(st_['se'])}" if st_["n"] > 1 else ""))
+                if v != "release":
+                    t = (table.get(v) or {}).get("steadiness", {}).get(k, {})
+                    cell += " | " + (f"{t['welch']['p']:.3f}" if "p" in t.get("welch", {}) else "-")
+                    cell += " | " + (f"{t['rank']['p']:.3f}" if "p" in t.get("rank", {}) else "-")
+                cells.append(cell)
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
     if (out / "probe.json").exists():
         lines += [""] + probe_table(json.loads((out / "probe.json").read_text()))
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table,
-                                                "per_evaluation": evals}, indent=2, default=float))
+                                                "per_evaluation": evals, "steadiness": steady}, indent=2, default=float))
     print(text)
     return table
 

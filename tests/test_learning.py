@@ -101,6 +101,36 @@ def test_rank_test_is_mann_whitneys_exact_test_with_its_floor():
     assert learning.rank_test([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])["p"] == pytest.approx(0.1)
 
 
+def test_steadiness_separates_falling_from_walking_worse(tmp_path):
+    def ev(step, scores, lengths):
+        return {"kind": "eval", "step": step, "score_mean": statistics.fmean(scores), "scores": scores, "lengths": lengths}
+
+    rows = {0: [ev(1000, [0.0, 0.0], [5, 5]),  # before from_step: left out
+                ev(2000, [70.0, 10.0], [100, 20]), ev(3000, [80.0, 80.0], [100, 100])]}
+    got = learning.steadiness(rows, from_step=2000, limit=100)[0]
+    assert got["fell"] == 0.25 and got["episodes"] == 4
+    assert got["spread"] == pytest.approx((30.0 + 0.0) / 2) and got["full"] == pytest.approx(230 / 3)
+    assert math.isnan(learning.steadiness({1: [ev(2000, [5.0, 6.0], [9, 9])]}, 0, 100)[1]["full"])
+    # in the report: the second half of training from the schedule, tested against the release
+    root = tmp_path / "cmp"
+    (root / "release").mkdir(parents=True)
+    (root / "comparison.json").write_text(json.dumps({"schedule": {"epochs": 2, "pretrain_epochs": 1,
+                                                                   "steps_per_epoch": 1000}}))
+    for v, fell in (("release", [0, 0, 1]), ("single-eager", [2, 2, 1])):
+        for s_ in range(3):
+            n = fell[s_]
+            _write(root / v / f"seed{s_}", [ev(k, [50.0] * 4, [10] * n + [100] * (4 - n)) for k in (1000, 2000, 3000)])
+    table = learning.report(root, tmp_path / "out")
+    w = table["single-eager"]["steadiness"]["fell"]["welch"]
+    assert w["diff"] == pytest.approx((5 / 12) - (1 / 12))  # from step 2000 (1 + 2 / 2 epochs): two evaluations
+    assert "How steady the policies are, over the evaluations from step 2000 on" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    assert learning.holm([0.01, 0.04, 0.03, None]) == [(0.01, 0.03), (0.04, 0.06), (0.03, 0.06), (None, None)]
+    assert learning.holm([0.5, 0.9]) == [(0.5, 1.0), (0.9, 1.0)]  # capped at 1, and monotone
+
+
 def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path):
     root = tmp_path / "cmp"
     for s, scores in enumerate([[10, 40, 44], [20, 50, 48], [30, 45, 47]]):
@@ -110,6 +140,10 @@ def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path)
     variants = {v: learning.read_variant(root / v) for v in ("release", "group-compiled")}
     rows = learning.per_evaluation(variants)
     assert [r["step"] for r in rows] == [1000, 2000]
+    # a variant that has not evaluated yet is left out, not allowed to empty the table
+    _write(root / "single-eager" / "seed0", [r for r in _seed_rows([1.0]) if r["kind"] == "train"])
+    with_empty = learning.per_evaluation({**variants, "single-eager": learning.read_variant(root / "single-eager")})
+    assert [r["step"] for r in with_empty] == [1000, 2000] and "single-eager" not in with_empty[0]["variants"]
     assert rows[1]["variants"]["release"]["values"] == [40, 50, 45]
     assert rows[1]["vs"]["group-compiled"]["diff"] == pytest.approx(statistics.fmean([38, 52, 44]) - 45.0)
     table = learning.report(root, tmp_path / "out")
@@ -298,7 +332,8 @@ def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
     lines = learning.probe_table({"meta": {"states": 10}, "variants": {"release": rel, "single-eager": ours}})
     row = next(line for line in lines if line.startswith("| Q(policy) - Q(data) |"))
     p = learning.welch([2.0, 2.1, 2.3], [3.0, 3.2, 3.4])["p"]
-    assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} |" in row and "2.133 ± 0.088" in row
+    # the smallest p of the 16 (the others compare equal values, p = 1): Holm multiplies it by 16
+    assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} ({min(1.0, 16 * p):.2f}) |" in row and "2.133 ± 0.088" in row
     assert all(line.count("|") == lines[2].count("|") for line in lines[2:])  # no title splits a row
     # per-seed and group folders: only finished runs are probed
     _write(tmp_path / "single-eager" / "seed0", _seed_rows([1.0]))

@@ -241,6 +241,37 @@ def test_compiled_call_reads_nothing_back(compiled_pair):
     assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
 
 
+def test_compiled_step_on_its_own_draws_matches_reference():
+    """A run's compiled step draws inside its graph (StepRunner: inductor's RNG, under the run's compile options),
+    which the tests above, feeding draws in, never reach. Here the graph also returns the draws it made, and the
+    reference fed those very draws must land where the compiled step did: the step consumes each random tensor
+    as drawn (a kernel that recomputed a draw with another seed, or a draw left out of a fused kernel, would
+    show here), for three steps."""
+    from dtql_fast import compiling
+    from dtql_fast.draws import Draws
+
+    h = TASKS["walker2d-medium-v2"].hyper.replace(steps_per_epoch=10, epochs=1, batch_size=64)
+    ref, fast = _pair(11, 3, h, seed=5)
+    data = _data(11, 3, N=500)
+
+    def fn():
+        d = sample_draws(data.n, h.batch_size, 3, h.noise_levels, groups=1)
+        return fast.train_step(data, d), d.tensors()
+
+    step = compiling.CompileOnFirstCall(fn, torch.device("cpu"))
+    roundoff = RoundOff(ref)
+    seen = []
+    for _ in range(3):
+        mf, drawn = step()
+        d = Draws(*(t[0].clone() for t in drawn))
+        seen.append(d.idx)
+        mr = ref.train_step(data, d)
+        roundoff.train_step(data, d)
+        _check_losses(mr, mf[0], 1e-5, 1e-5)
+    assert not torch.equal(seen[0], seen[1])  # a new draw every call
+    _check_params(ref, fast, atol=1e-6, h=ref.hyper, roundoff=roundoff)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_whole_step_is_one_graph(kernels):
     """fullgraph=True refuses graph breaks; explain() also counts them, for a readable failure.

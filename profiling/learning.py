@@ -594,15 +594,15 @@ def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = 
             for r in rows:
                 if r["kind"] == "eval" and r.get("score_mean") is not None:
                     scores[v].setdefault(r["step"], []).append(r["score_mean"])
-    # every step that each variant reached with at least one seed (a seed still running counts where it got);
-    # a variant with no evaluation yet is left out rather than emptying the table
-    reached = [set(scores[v]) for v in variants if scores[v]]
-    common = sorted(set.intersection(*reached)) if reached else []
+    # every step any variant reached with at least one seed (a seed still running counts where it got); at each,
+    # the variants that reached it, so a variant behind the others neither hides their later steps nor empties
+    # the table
     out = []
-    for step in common:
-        row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants if scores[v]}}
-        if reference in row["variants"]:
-            row["vs"] = {v: welch(scores[v][step], scores[reference][step]) for v in row["variants"] if v != reference}
+    for step in sorted(set().union(*(scores[v] for v in variants))):
+        row = {"step": step, "variants": {v: _stats(scores[v][step]) for v in variants if step in scores[v]}}
+        if reference in variants:
+            row["vs"] = ({v: welch(scores[v][step], scores[reference][step]) for v in row["variants"] if v != reference}
+                         if reference in row["variants"] else {})
         out.append(row)
     return out
 
@@ -721,19 +721,21 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                             if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
                          + (f" {r['p']:.3f} |" if "p" in r else " - |"))
     if evals and "vs" in evals[0]:
-        others = [v for v in evals[0]["variants"] if v != "release"]  # those that have evaluated
+        others = [v for v in variants if v != "release" and any(v in e["variants"] for e in evals)]  # evaluated
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "
                   "Welch's p against the release.", "",
-                  "| step | release | " + " | ".join(f"{v} | p" for v in others) + " |",
+                  "| step | release |" + "".join(f" {v} | p |" for v in others),
                   "|---|---|" + "---|---|" * len(others)]
 
         def cell(st):
+            if st is None:
+                return "-"
             return f"{st['mean']:.1f} ± {st['se']:.1f} (n={st['n']})" if st["n"] > 1 else f"{st['mean']:.1f} (n=1)"
 
         for e in evals:
-            cells = [cell(e["variants"][v]) + " | " + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"][v] else "-")
-                     for v in others]
-            lines.append(f"| {e['step']} | {cell(e['variants']['release'])} | " + " | ".join(cells) + " |")
+            cells = [cell(e["variants"].get(v)) + " | "
+                     + (f"{e['vs'][v]['p']:.3f}" if "p" in e["vs"].get(v, {}) else "-") for v in others]
+            lines.append(f"| {e['step']} | {cell(e['variants'].get('release'))} |" + "".join(f" {c} |" for c in cells))
     if any(steady.values()):
         shown = [v for v in steady if steady[v]]
         lines += ["", f"How steady the policies are, over the evaluations from step {half:.0f} on (the second half of "

@@ -139,11 +139,13 @@ def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path)
                                      for r in _seed_rows(sc, seed=s)])  # one evaluation behind
     variants = {v: learning.read_variant(root / v) for v in ("release", "group-compiled")}
     rows = learning.per_evaluation(variants)
-    assert [r["step"] for r in rows] == [1000, 2000]
+    # every step the release reached: the variant one evaluation behind is absent at the last, not hiding it
+    assert [r["step"] for r in rows] == [1000, 2000, 3000]
+    assert "group-compiled" not in rows[2]["variants"] and rows[2]["vs"] == {}
     # a variant that has not evaluated yet is left out, not allowed to empty the table
     _write(root / "single-eager" / "seed0", [r for r in _seed_rows([1.0]) if r["kind"] == "train"])
     with_empty = learning.per_evaluation({**variants, "single-eager": learning.read_variant(root / "single-eager")})
-    assert [r["step"] for r in with_empty] == [1000, 2000] and "single-eager" not in with_empty[0]["variants"]
+    assert [r["step"] for r in with_empty] == [1000, 2000, 3000] and "single-eager" not in with_empty[0]["variants"]
     assert rows[1]["variants"]["release"]["values"] == [40, 50, 45]
     assert rows[1]["vs"]["group-compiled"]["diff"] == pytest.approx(statistics.fmean([38, 52, 44]) - 45.0)
     table = learning.report(root, tmp_path / "out")
@@ -151,6 +153,7 @@ def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path)
     assert table["group-compiled"]["last3"]["values"] == pytest.approx([25.0, 38.5, 36.0])
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| 2000 | 45.0 ± 2.9 (n=3) |" in text and "mde80" in text
+    assert "| 3000 | 46.3 ± 1.2 (n=3) | - | - |" in text  # the group has not reached it
 
 
 def test_a_running_seed_is_compared_where_it_got_and_left_out_of_the_final_figures(tmp_path):

@@ -38,23 +38,14 @@ def env_steps_per_evaluation(cfg) -> int | None:
     """The most env steps one evaluation of the run can take (agents x episodes x the env's step limit), from
     the task table and gymnasium's registry, before any data is read; None where that is not known (a Minari
     id, the demo data, an env not registered here)."""
-    try:
-        import gymnasium as gym
-    except ImportError:  # no envs here: evaluation itself says what is missing, once the data has loaded
-        return None
-
-    from .tasks import TASKS
+    from .tasks import TASKS, step_limit
 
     per_task = []
     for name in cfg.tasks:
-        task = TASKS.get(name)
-        try:
-            limit = gym.spec(task.env_id).max_episode_steps if task and task.env_id else None
-        except gym.error.Error:
-            limit = None
+        limit = step_limit(name)  # None without gymnasium: evaluation itself says what is missing, later
         if not limit:
             return None
-        per_task.append((cfg.eval_episodes or task.eval_episodes) * limit)
+        per_task.append((cfg.eval_episodes or TASKS[name].eval_episodes) * limit)
     return sum(per_task[t] for t in cfg.task_of_agent)
 
 

@@ -133,6 +133,22 @@ class UnknownTaskError(ValueError):
     pass
 
 
+def step_limit(name: str | None) -> int | None:
+    """The step limit gymnasium registers for a task's env; None where that is not known (no gymnasium here, a
+    Minari id or the demo data, an env not registered)."""
+    task = TASKS.get(name)
+    if task is None or not task.env_id:
+        return None
+    try:
+        import gymnasium as gym
+    except ImportError:
+        return None
+    try:
+        return gym.spec(task.env_id).max_episode_steps or None
+    except gym.error.Error:
+        return None
+
+
 def get_task(name: str) -> Task:
     """A D4RL task of the paper's table. Minari ids are resolved by dtql_fast.data."""
     try:

@@ -568,12 +568,9 @@ def steadiness(per_seed: dict[int, list[dict]], from_step: int, limit: int) -> d
 
 def _step_limit(task: str | None, rows: list[dict]) -> int:
     """The env's step limit (gymnasium's registry for the task's env), else the longest episode seen."""
-    try:
-        import gymnasium as gym
-        from dtql_fast.tasks import TASKS
-        return int(gym.spec(TASKS[task].env_id).max_episode_steps)
-    except Exception:  # an unknown task or no gymnasium: what the episodes themselves show
-        return max((n for r in rows if r.get("lengths") for n in r["lengths"]), default=0)
+    from dtql_fast.tasks import step_limit
+
+    return step_limit(task) or max((n for r in rows if r.get("lengths") for n in r["lengths"]), default=0)
 
 
 def complete(per_seed: dict[int, list[dict]], final_step: int | None = None) -> dict[int, list[dict]]:

@@ -582,9 +582,9 @@ def complete(per_seed: dict[int, list[dict]], final_step: int | None = None) -> 
 
 
 def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = "release") -> list[dict]:
-    """At every evaluation step that every variant reached (with the seeds that reached it, so n may differ
-    from step to step while seeds are running): each variant's mean and standard error over its seeds, and
-    Welch's test against `reference`."""
+    """At every evaluation step any variant reached, the variants that reached it (with the seeds that reached
+    it, so n may differ from step to step while seeds are running): each one's mean and standard error over its
+    seeds, and Welch's test against `reference` where the reference reached that step too."""
     scores = {v: {} for v in variants}
     for v, d in variants.items():
         for rows in d.values():

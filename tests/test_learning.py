@@ -131,7 +131,7 @@ def test_holm_adjusts_a_family_of_p_values():
     assert learning.holm([0.5, 0.9]) == [(0.5, 1.0), (0.9, 1.0)]  # capped at 1, and monotone
 
 
-def test_per_evaluation_compares_every_common_step_against_the_release(tmp_path):
+def test_per_evaluation_compares_every_step_reached_against_the_release(tmp_path):
     root = tmp_path / "cmp"
     for s, scores in enumerate([[10, 40, 44], [20, 50, 48], [30, 45, 47]]):
         _write(root / "release" / f"seed{s}", _seed_rows(scores))

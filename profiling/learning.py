@@ -649,6 +649,12 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                 t["vs_release_best"] = agreement(t["best"], table["release"]["best"])
                 t["welch_last3"] = welch(t["last3"]["values"], table["release"]["last3"]["values"])
                 t["rank_last3"] = rank_test(t["last3"]["values"], table["release"]["last3"]["values"])
+    # ours' variants against each other (the compiled path against the eager one): the same two tests on the
+    # same per-seed figures, so "the compiled path learns what the eager path learns" is a statistic too
+    ours = [v for v, t in table.items() if v != "release" and t and t["last3"]["n"] > 1]
+    between = {f"{a} vs {b}": {"welch": welch(table[a]["last3"]["values"], table[b]["last3"]["values"]),
+                               "rank": rank_test(table[a]["last3"]["values"], table[b]["last3"]["values"])}
+               for i, a in enumerate(ours) for b in ours[i + 1:]}
     evals = per_evaluation(variants)
     # steadiness over the second half of training (the first evaluations are of a policy still forming)
     half = (sched["pretrain_epochs"] + sched["epochs"] / 2) * sched["steps_per_epoch"] if final_step else 0
@@ -717,6 +723,14 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                          + (f"{w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | {w['mde80']:.1f} |"
                             if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
                          + (f" {r['p']:.3f} |" if "p" in r else " - |"))
+    if between:
+        lines += ["", f"Ours' variants against each other, each seed's mean over its last {LAST} evaluations "
+                  "(Welch's test, then Mann-Whitney's exact rank p):", "",
+                  "| comparison | diff | t | df | p | mde80 | rank p |", "|---|---|---|---|---|---|---|"]
+        for name, c in between.items():
+            w, r = c["welch"], c["rank"]
+            lines.append(f"| {name} | {w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | "
+                         f"{w['mde80']:.1f} | " + (f"{r['p']:.3f}" if "p" in r else "-") + " |")
     if evals and "vs" in evals[0]:
         others = [v for v in variants if v != "release" and any(v in e["variants"] for e in evals)]  # evaluated
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "
@@ -759,7 +773,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps({"meta": meta, "behaviour_score": behaviour_score, "variants": table,
-                                                "per_evaluation": evals, "steadiness": steady}, indent=2, default=float))
+                                                "between_ours": between, "per_evaluation": evals, "steadiness": steady}, indent=2, default=float))
     print(text)
     return table
 

@@ -66,6 +66,26 @@ def test_report_reads_per_seed_and_group_folders(tmp_path):
     assert list(steps) == [1000, 2000] and mean[1] == pytest.approx(45.0)
 
 
+def test_ours_variants_are_tested_against_each_other(tmp_path):
+    root = tmp_path / "cmp"
+    for s, scores in enumerate([[10, 40], [20, 50], [30, 45]]):
+        _write(root / "release" / f"seed{s}", _seed_rows(scores))
+    _write(root / "group-compiled", [r for s, sc in enumerate([[12, 38], [25, 52], [28, 44]])
+                                     for r in _seed_rows(sc, seed=s)])
+    for s, scores in enumerate([[5, 10], [6, 12], [7, 9]]):
+        _write(root / "single-eager" / f"seed{s}", _seed_rows(scores))
+    _write(root / "single-compiled" / "seed0", _seed_rows([1, 2]))  # one seed is not a sample: left out
+    out = tmp_path / "out"
+    learning.report(root, out)
+    between = json.loads((out / "table.json").read_text())["between_ours"]
+    assert list(between) == ["single-eager vs group-compiled"]
+    eager, group = [7.5, 9.0, 8.0], [25.0, 38.5, 36.0]  # each seed's mean of its (two) evaluations
+    w = learning.welch(eager, group)
+    assert between["single-eager vs group-compiled"]["welch"] == pytest.approx(w)
+    assert between["single-eager vs group-compiled"]["rank"]["p"] == pytest.approx(0.1)  # the 3-a-side floor
+    assert f"| single-eager vs group-compiled | {w['diff']:+.1f} | {w['t']:.2f} |" in (out / "table.md").read_text()
+
+
 def test_ours_commands_are_the_trainers():
     sched = {"epochs": 5, "pretrain_epochs": 1, "eval_every": 2, "steps_per_epoch": 100, "eval_episodes": 4}
     group = learning.ours_command("group-compiled", "hopper-medium-v2", "d.hdf5", [0, 1, 2], sched, learning.Path("o"))

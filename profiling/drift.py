@@ -149,6 +149,13 @@ def run(args) -> dict:
     floor = FedRelease(args.release_src, h, S, A, h.max_action, args.seed)  # the release against itself
     ours = FastDTQL(S, A, h, seeds=[args.seed])
     ours.load_modules(release.as_reference())
+    compiled = None
+    if args.compiled:  # ours again, each step through torch.compile as a run compiles it (draws fed in, not drawn)
+        from dtql_fast.compiling import CompileOnFirstCall
+        compiled = FastDTQL(S, A, h, seeds=[args.seed])
+        compiled.load_modules(release.as_reference())
+        c_steps = {True: CompileOnFirstCall(compiled.pretrain_step, torch.device("cpu")),
+                   False: CompileOnFirstCall(compiled.train_step, torch.device("cpu"))}
     for k, m in floor.modules().items():
         m.load_state_dict(release.modules()[k].state_dict())
     g = torch.Generator().manual_seed(args.draw_seed)
@@ -166,6 +173,8 @@ def run(args) -> dict:
         m_rel = release.step(data, d, pretrain)
         floor.step(data, permuted(d, torch.randperm(h.batch_size, generator=gp)), pretrain)
         m_ours = (ours.pretrain_step if pretrain else ours.train_step)(data, d.as_group())
+        if compiled is not None:
+            c_steps[pretrain](data, d.as_group())
         if not pretrain:
             m_ours = dict(zip(("loss_v", "loss_q", "loss_bc", "loss_tr", "loss_pq"), m_ours[0, :5].tolist()))
             m_ours["loss_critic"] = m_ours["loss_v"] + m_ours["loss_q"]
@@ -183,6 +192,12 @@ def run(args) -> dict:
                    "ours_vs_release": ours_diff, "release_vs_permuted_release": floor_diff,
                    "ratio": {k: ours_diff[k] / max(floor_diff[k], 1e-30) for k in ours_diff},
                    "lr_release": release.lrs(), "lr_ours": ours.lrs()[0]}
+            if compiled is not None:
+                w_c = weights(compiled.modules())
+                rec["compiled_vs_release"] = differences(w_rel, w_c)
+                rec["compiled_vs_eager"] = differences(w_ours, w_c)
+                rec["ratio_compiled"] = {k: rec["compiled_vs_release"][k] / max(floor_diff[k], 1e-30) for k in ours_diff}
+                rec["lr_compiled"] = compiled.lrs()[0]
             if n_sum:
                 rec["release"] = {k: sums[k] / n_sum for k, _ in METRIC_PAIRS}
                 rec["ours"] = {mine: sums[mine + "_ours"] / n_sum for _, mine in METRIC_PAIRS}
@@ -193,8 +208,11 @@ def run(args) -> dict:
             worst = max(rec["ratio"].values())
             print(f"step {step:6d} ({rec['phase']}): ours vs release {max(ours_diff.values()):.2e}, "
                   f"release vs itself permuted {max(floor_diff.values()):.2e}, worst ratio {worst:.2f}, "
+                  + (f"compiled vs release {max(rec['compiled_vs_release'].values()):.2e}, compiled vs eager "
+                     f"{max(rec['compiled_vs_eager'].values()):.2e}, " if compiled is not None else "") +
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-    out["max_lr_gap"] = max(abs(r["lr_release"][k] - r["lr_ours"][k]) for r in records for k in r["lr_ours"])
+    out["max_lr_gap"] = max(abs(r["lr_release"][k] - r[side][k]) for r in records for side in ("lr_ours", "lr_compiled")
+                            if side in r for k in r[side])
     if args.json:
         _write(args.json, out)
     return out
@@ -219,6 +237,9 @@ def plot(result: dict, path: Path):
         line, = axes[0].semilogy(steps, [r["ours_vs_release"][k] for r in recs], label=f"{k}: ours vs release")
         axes[0].semilogy(steps, [r["release_vs_permuted_release"][k] for r in recs], ls=":", color=line.get_color(),
                          label=f"{k}: release vs itself, rows permuted")
+        if "compiled_vs_release" in recs[0]:
+            axes[0].semilogy(steps, [r["compiled_vs_release"][k] for r in recs], ls="--", color=line.get_color(),
+                             label=f"{k}: ours compiled vs release")
     axes[0].axvline(result["pretrain_steps"], color="k", lw=0.5)
     axes[0].set_xlabel("step (pretraining first)")
     axes[0].set_ylabel("|w - w_release| / |w_release|")
@@ -249,6 +270,8 @@ def main(argv=None):
     p.add_argument("--lr-decay", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="override the task's lr_decay (true/false)")
     p.add_argument("--record-every", type=int, default=100)
+    p.add_argument("--compiled", action="store_true",
+                   help="also ours through torch.compile (as `train --compile` runs it), fed the same draws")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)

@@ -625,6 +625,14 @@ def curves(per_seed: dict[int, list[dict]], kind: str, key: str) -> tuple[np.nda
     return np.array(steps), mean, se
 
 
+def _test_cells(w: dict, r: dict) -> str:
+    """A table row's last cells for one comparison: diff | t | df | p | mde80 (welch) | rank p ('-' where a side
+    had one seed)."""
+    return ((f"{w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | {w['mde80']:.1f} |"
+             if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
+            + (f" {r['p']:.3f} |" if "p" in r else " - |"))
+
+
 def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -720,17 +728,13 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
         for v, w in welched.items():
             m, r = table[v]["last3"], table[v].get("rank_last3") or {}
             lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
-                         + (f"{w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | {w['mde80']:.1f} |"
-                            if "p" in w else f"{w['diff']:+.1f} | - | - | - | - |")
-                         + (f" {r['p']:.3f} |" if "p" in r else " - |"))
+                         + _test_cells(w, r))
     if between:
         lines += ["", f"Ours' variants against each other, each seed's mean over its last {LAST} evaluations "
                   "(Welch's test, then Mann-Whitney's exact rank p):", "",
                   "| comparison | diff | t | df | p | mde80 | rank p |", "|---|---|---|---|---|---|---|"]
         for name, c in between.items():
-            w, r = c["welch"], c["rank"]
-            lines.append(f"| {name} | {w['diff']:+.1f} | {w['t']:.2f} | {w['df']:.1f} | {w['p']:.3f} | "
-                         f"{w['mde80']:.1f} | " + (f"{r['p']:.3f}" if "p" in r else "-") + " |")
+            lines.append(f"| {name} | " + _test_cells(c["welch"], c["rank"]))
     if evals and "vs" in evals[0]:
         others = [v for v in variants if v != "release" and any(v in e["variants"] for e in evals)]  # evaluated
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "

@@ -55,7 +55,11 @@ from dtql_fast.runstatus import write_json_atomic
 from dtql_fast.evaluate import env_seed  # every variant plays the envs train's evaluation plays
 from dtql_fast.profiling.release_nets import RELEASE_NETS, load_into_release, ours_from_release
 
-VARIANTS = ("release", "single-eager", "single-compiled", "group-eager", "group-compiled")
+VARIANTS = ("release", "release-ours-init", "single-eager", "single-compiled", "group-eager", "group-compiled")
+# release-ours-init: the release's trainer started from the weights ours starts the same seed from, so a seed of
+# it and the same seed of ours differ in the trainer and its draws only (release and ours initialise in another
+# order, so their seed s nets differ)
+RELEASES = ("release", "release-ours-init")
 LOSSES = (("loss_bc", "behaviour cloning"), ("loss_tr", "trust region"), ("loss_pq", "policy: -Q"),
           ("loss_critic", "critic: V + twin Q"), ("q_mean", "Q of the data's actions"), ("v_mean", "V"))
 LAST = 3  # "the end of a run": the mean of each seed's last LAST evaluations (one evaluation is noisy)
@@ -106,6 +110,23 @@ def _load_release_state(agent, state: dict):
     random.setstate(state["rng"]["random"])
 
 
+def start_from_ours(agent, state_dim: int, action_dim: int, h, seed: int) -> None:
+    """The release agent's networks (their EMA copies too) set to the initial weights ours gives `seed`
+    (dtql_fast.reference_layout.initial_weights: the reference's modules under torch.manual_seed(seed), the
+    target critic a copy of the critic); the global RNG, which the release draws its batches and noise from,
+    is left as it was."""
+    from dtql_fast.reference_layout import reference_modules
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init = reference_modules(state_dim, action_dim, h)
+    init["critic_target"].load_state_dict(init["critic"].state_dict())
+    load_into_release(agent, {k: m.state_dict() for k, m in init.items()})
+    for model, copy in (("bc_actor", "bc_actor_target"), ("distill_actor", "distill_actor_target")):
+        if hasattr(agent, copy):
+            getattr(agent, copy).load_state_dict(getattr(agent, model).state_dict())
+
+
 def _save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -113,9 +134,10 @@ def _save_atomic(obj, path: Path):
 
 
 def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: Path,
-                episodes: int | None = None, log_every: int = 1000) -> dict:
+                episodes: int | None = None, log_every: int = 1000, init: str = "own") -> dict:
     """One seed of the release, as its main.py runs it; resumable: a checkpoint after pretraining and after
-    every evaluation (RNG states included), and a second call continues from the last one bit for bit."""
+    every evaluation (RNG states included), and a second call continues from the last one bit for bit.
+    init="ours" starts it from the weights ours starts `seed` from (start_from_ours), its draws unchanged."""
     from dtql_fast.data import load_dataset
     from dtql_fast.evaluate import evaluate
 
@@ -135,6 +157,9 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
                  expectile=h.expectile, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, tau=h.tau, gamma=h.gamma,
                  repeats=h.num_candidates)
     env.close()
+    if init == "ours":
+        start_from_ours(agent, data.state_dim, data.action_dim, h, seed)
+    variant = {"own": "release", "ours": "release-ours-init"}[init]
     # Q of the data's actions and V on the batch the critic trains on, as ours logs them (q_mean, v_mean):
     # extra forward passes of a critic without randomness, so the release's draws are untouched.
     probe = {"q": 0.0, "v": 0.0, "n": 0}
@@ -160,10 +185,10 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
         done, wall_before = state["step"], state.get("wall_s", 0.0)
         with open(out / METRICS, "r+b") as f:  # rows written after the checkpoint are written again
             f.truncate(state["metrics_bytes"])
-        print(f"release seed {seed}: resumed at step {done} of {pre_total + h.total_steps}", flush=True)
+        print(f"{variant} seed {seed}: resumed at step {done} of {pre_total + h.total_steps}", flush=True)
     else:
         (out / METRICS).write_text("")
-    (out / CONFIG).write_text(json.dumps({"variant": "release", "src": str(src), "task": task,
+    (out / CONFIG).write_text(json.dumps({"variant": variant, "src": str(src), "task": task,
                                           "dataset": dataset, "seed": seed, "hyper": h.__dict__}, indent=2))
     log = open(out / METRICS, "a")
     t0 = time.perf_counter() - wall_before
@@ -210,12 +235,12 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
                            task=loaded.task)
             last = {"kind": "eval", "step": pre_total + i, "epoch": i // spe, **res}
             write(last)
-            print(f"release seed {seed} step {pre_total + i}: score {res['score_mean']}", flush=True)
+            print(f"{variant} seed {seed} step {pre_total + i}: score {res['score_mean']}", flush=True)
             checkpoint(pre_total + i)
     log.close()
     if last is None:  # resumed after the final evaluation
         last = [json.loads(r) for r in open(out / METRICS) if '"eval"' in r][-1]
-    summary = {"variant": "release", "seed": seed, "steps": pre_total + h.total_steps,
+    summary = {"variant": variant, "seed": seed, "steps": pre_total + h.total_steps,
                "score_mean": last["score_mean"], "wall_s": time.perf_counter() - t0}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
@@ -449,15 +474,16 @@ def run(args) -> None:
     record_comparison(args.out, {"task": args.task, "dataset": args.dataset, "seeds": seeds, "schedule": sched,
                                  "variants": args.variants})
     for variant in args.variants:
-        if variant == "release":
+        if variant in RELEASES:
             for s in seeds:
-                folder = args.out / "release" / f"seed{s}"
+                folder = args.out / variant / f"seed{s}"
                 if (folder / SUMMARY).exists():
-                    print(f"release seed {s}: done already ({folder})")
+                    print(f"{variant} seed {s}: done already ({folder})")
                     continue
                 over = {k: sched[k] for k in ("epochs", "pretrain_epochs", "eval_every", "steps_per_epoch")}
                 run_release(args.release_src, args.task, args.dataset, s, over, folder, sched["eval_episodes"],
-                            log_every=min(1000, args.steps_per_epoch))
+                            log_every=min(1000, args.steps_per_epoch),
+                            init="ours" if variant == "release-ours-init" else "own")
             continue
         for cmd in ours_command(variant, args.task, args.dataset, seeds, sched, args.out):
             folder = Path(cmd[cmd.index("--out") + 1])
@@ -657,8 +683,9 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                 t["vs_release_best"] = agreement(t["best"], table["release"]["best"])
                 t["welch_last3"] = welch(t["last3"]["values"], table["release"]["last3"]["values"])
                 t["rank_last3"] = rank_test(t["last3"]["values"], table["release"]["last3"]["values"])
-    # ours' variants against each other (the compiled path against the eager one): the same two tests on the
-    # same per-seed figures, so "the compiled path learns what the eager path learns" is a statistic too
+    # every other variant against each other (the compiled path against the eager one; the release started from
+    # ours' initial weights against ours): the same two tests on the same per-seed figures, so "the compiled path
+    # learns what the eager path learns" is a statistic too
     ours = [v for v, t in table.items() if v != "release" and t and t["last3"]["n"] > 1]
     between = {f"{a} vs {b}": {"welch": welch(table[a]["last3"]["values"], table[b]["last3"]["values"]),
                                "rank": rank_test(table[a]["last3"]["values"], table[b]["last3"]["values"])}
@@ -730,7 +757,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
                          + _test_cells(w, r))
     if between:
-        lines += ["", f"Ours' variants against each other, each seed's mean over its last {LAST} evaluations "
+        lines += ["", f"The variants beside the release against each other, each seed's mean over its last {LAST} evaluations "
                   "(Welch's test, then Mann-Whitney's exact rank p):", "",
                   "| comparison | diff | t | df | p | mde80 | rank p |", "|---|---|---|---|---|---|---|"]
         for name, c in between.items():
@@ -823,7 +850,7 @@ def main(argv=None):
         bad = [v for v in a.variants if v not in VARIANTS]
         if bad:
             p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-        if "release" in a.variants and a.release_src is None:
+        if set(RELEASES) & set(a.variants) and a.release_src is None:
             p.error("--variants release needs --release-src PATH (a checkout of the authors' release)")
         torch.set_num_threads(1)
         run(a)

@@ -313,6 +313,40 @@ def test_release_networks_map_by_position():
         assert all(torch.equal(a, b) for a, b in zip(got, theirs[k].values())), k
 
 
+def test_release_ours_init_starts_where_ours_starts_and_draws_as_the_release(tmp_path):
+    """release-ours-init: the release's networks (and its EMA copies) hold the weights ours' trainer starts the
+    seed from, a group's agent included, and the global RNG the release draws from is where it was."""
+    from types import SimpleNamespace
+
+    from dtql_fast.nets import Critic, DiffusionNet, GaussianPolicy
+    from dtql_fast.profiling.release_nets import RELEASE_NETS
+    from dtql_fast.tasks import get_task
+    from dtql_fast.update import FastDTQL
+
+    h = get_task("walker2d-medium-v2").hyper
+    S, A, seed = 17, 6, 4
+    shell = lambda: SimpleNamespace(  # noqa: E731
+        bc_actor=DiffusionNet(S, A, 256), bc_actor_target=DiffusionNet(S, A, 256), critic=Critic(S, A, 256),
+        critic_target=Critic(S, A, 256), distill_actor=GaussianPolicy(S, A, 256, 1.0),
+        distill_actor_target=GaussianPolicy(S, A, 256, 1.0))
+    release = shell()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    learning.start_from_ours(release, S, A, h, seed)
+    assert torch.equal(torch.get_rng_state(), before)
+    ours = FastDTQL(S, A, h, seeds=[9, seed]).modules(agent=1)  # the weights ours' trainer starts seed 4 from
+    for k, name in RELEASE_NETS.items():
+        got, want = getattr(release, name).state_dict().values(), ours[k].state_dict().values()
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), k
+    for model, copy in (("bc_actor", "bc_actor_target"), ("distill_actor", "distill_actor_target")):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(release, model).state_dict().values(),
+                                                     getattr(release, copy).state_dict().values())), copy
+    other = shell()
+    learning.start_from_ours(other, S, A, h, seed + 1)  # another seed, other weights: the test can fail
+    first = lambda agent: next(iter(agent.critic.state_dict().values()))  # noqa: E731
+    assert not torch.equal(first(other), first(release))
+
+
 def test_probe_measures_the_networks_it_is_given():
     """probe_networks' statistics are the formulas they name, on networks built to have known answers."""
     from dtql_fast.edm import edm_loss

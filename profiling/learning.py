@@ -526,14 +526,23 @@ def _stats(xs: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if n > 1 else float("nan"), "values": xs}
 
 
+def _scores(rows: list[dict]) -> list[float]:
+    return [r["score_mean"] for r in rows if r["kind"] == "eval" and r.get("score_mean") is not None]
+
+
+def last3_by_seed(per_seed: dict[int, list[dict]]) -> dict[int, float]:
+    """Each seed's mean over its last LAST evaluations, by seed (the figure every test here compares)."""
+    return {seed: statistics.fmean(ev[-LAST:]) for seed, rows in per_seed.items() if (ev := _scores(rows))}
+
+
 def summarise(per_seed: dict[int, list[dict]]) -> dict:
     finals, bests, lasts = [], [], []
     for rows in per_seed.values():
-        ev = [r for r in rows if r["kind"] == "eval" and r.get("score_mean") is not None]
+        ev = _scores(rows)
         if ev:
-            finals.append(ev[-1]["score_mean"])
-            bests.append(max(r["score_mean"] for r in ev))
-            lasts.append(statistics.fmean(r["score_mean"] for r in ev[-LAST:]))
+            finals.append(ev[-1])
+            bests.append(max(ev))
+            lasts.append(statistics.fmean(ev[-LAST:]))
     if not finals:
         return {}
     return {"final": _stats(finals), "best": _stats(bests), "last3": _stats(lasts), "seeds": sorted(per_seed)}
@@ -566,6 +575,27 @@ def rank_test(a: list[float], b: list[float]) -> dict:
         return {}
     r = st.mannwhitneyu(a, b, alternative="two-sided", method="exact")
     return {"u": float(r.statistic), "p": float(r.pvalue), "n": [len(a), len(b)]}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b seed by seed, for two variants that start each seed from the same weights (ours' variants and
+    release-ours-init do): the mean difference, its paired t-test, and the exact sign-flip p (under no
+    difference every assignment of signs to the per-seed differences is equally likely; assumes nothing about
+    their shape). Pairing gains power only as far as a seed's initial weights decide its score; it loses the
+    seeds only one side ran."""
+    from scipy import stats as st
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    n = len(d)
+    if n < 2:
+        return {"seeds": seeds, "n": n}
+    diff, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(n)
+    t = diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
+    p = float(2 * st.t.sf(abs(t), n - 1)) if se > 0 else (0.0 if diff else 1.0)
+    total = abs(sum(d))
+    flips = [abs(sum(x if (mask >> i) & 1 else -x for i, x in enumerate(d))) for mask in range(2 ** n)]
+    p_flip = sum(f >= total - 1e-9 * max(1.0, total) for f in flips) / 2 ** n  # 2^n: n is a few seeds
+    return {"seeds": seeds, "n": n, "diff": diff, "se": se, "t": t, "p": p, "p_signflip": p_flip}
 
 
 STEADINESS = (("fell", "share of episodes that ended before the env's step limit (fell)", "{:.2f}"),
@@ -687,8 +717,10 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     # ours' initial weights against ours): the same two tests on the same per-seed figures, so "the compiled path
     # learns what the eager path learns" is a statistic too
     ours = [v for v, t in table.items() if v != "release" and t and t["last3"]["n"] > 1]
+    by_seed = {v: last3_by_seed(done[v]) for v in ours}
     between = {f"{a} vs {b}": {"welch": welch(table[a]["last3"]["values"], table[b]["last3"]["values"]),
-                               "rank": rank_test(table[a]["last3"]["values"], table[b]["last3"]["values"])}
+                               "rank": rank_test(table[a]["last3"]["values"], table[b]["last3"]["values"]),
+                               "paired": paired(by_seed[a], by_seed[b])}
                for i, a in enumerate(ours) for b in ours[i + 1:]}
     evals = per_evaluation(variants)
     # steadiness over the second half of training (the first evaluations are of a policy still forming)
@@ -757,11 +789,17 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
                          + _test_cells(w, r))
     if between:
-        lines += ["", f"The variants beside the release against each other, each seed's mean over its last {LAST} evaluations "
-                  "(Welch's test, then Mann-Whitney's exact rank p):", "",
-                  "| comparison | diff | t | df | p | mde80 | rank p |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"The variants beside the release against each other, each seed's mean over its last {LAST} "
+                  "evaluations (Welch's test, then Mann-Whitney's exact rank p); they start each seed from the same "
+                  "weights, so also seed by seed (paired: the seeds both ran, the mean difference, paired t's p, the "
+                  "exact sign-flip p):", "",
+                  "| comparison | diff | t | df | p | mde80 | rank p | paired seeds | paired diff | paired p | "
+                  "sign-flip p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, c in between.items():
-            lines.append(f"| {name} | " + _test_cells(c["welch"], c["rank"]))
+            q = c["paired"]
+            lines.append(f"| {name} | " + _test_cells(c["welch"], c["rank"])
+                         + (f" {q['n']} | {q['diff']:+.1f} | {q['p']:.3f} | {q['p_signflip']:.3f} |" if "p" in q
+                            else f" {q['n']} | - | - | - |"))
     if evals and "vs" in evals[0]:
         others = [v for v in variants if v != "release" and any(v in e["variants"] for e in evals)]  # evaluated
         lines += ["", "At every evaluation: mean ± se over seeds (n: the seeds that reached it); for each variant, "

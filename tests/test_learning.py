@@ -84,6 +84,24 @@ def test_ours_variants_are_tested_against_each_other(tmp_path):
     assert between["single-eager vs group-compiled"]["welch"] == pytest.approx(w)
     assert between["single-eager vs group-compiled"]["rank"]["p"] == pytest.approx(0.1)  # the 3-a-side floor
     assert f"| single-eager vs group-compiled | {w['diff']:+.1f} | {w['t']:.2f} |" in (out / "table.md").read_text()
+    q = between["single-eager vs group-compiled"]["paired"]  # the same seeds' weights: seed by seed as well
+    assert q["seeds"] == [0, 1, 2] and q["diff"] == pytest.approx(-25.0)  # -17.5, -29.5, -28
+    assert q["p_signflip"] == pytest.approx(2 / 8)  # every difference one sign: the 3-seed floor
+    assert f"| 3 | -25.0 | {q['p']:.3f} | 0.250 |" in (out / "table.md").read_text()
+
+
+def test_paired_is_scipys_paired_t_and_the_exact_sign_flip_test():
+    from scipy import stats as st
+    a = {0: 61.0, 1: 2.0, 2: 70.5, 3: 58.0, 4: 66.0, 7: 50.0}  # seed 7 ran on one side only: left out
+    b = {0: 45.0, 1: 73.0, 2: 41.8, 3: 59.4, 4: 56.5, 5: 60.0}
+    q = learning.paired(a, b)
+    x, y = [a[s] for s in range(5)], [b[s] for s in range(5)]
+    assert q["seeds"] == [0, 1, 2, 3, 4] and q["diff"] == pytest.approx(sum(x) / 5 - sum(y) / 5)
+    assert q["p"] == pytest.approx(st.ttest_rel(x, y).pvalue)
+    exact = st.permutation_test((x, y), lambda u, v: sum(u) - sum(v), permutation_type="samples",
+                                n_resamples=10_000, alternative="two-sided")  # 32 sign patterns: all of them
+    assert q["p_signflip"] == pytest.approx(exact.pvalue)
+    assert learning.paired({0: 1.0}, {0: 2.0, 1: 3.0}) == {"seeds": [0], "n": 1}
 
 
 def test_ours_commands_are_the_trainers():

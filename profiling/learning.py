@@ -889,7 +889,8 @@ def main(argv=None):
         if bad:
             p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
         if set(RELEASES) & set(a.variants) and a.release_src is None:
-            p.error("--variants release needs --release-src PATH (a checkout of the authors' release)")
+            p.error(f"--variants {','.join(v for v in a.variants if v in RELEASES)} needs --release-src PATH "
+                    "(a checkout of the authors' release)")
         torch.set_num_threads(1)
         run(a)
     elif a.cmd == "swap":

@@ -33,18 +33,24 @@ def key_order(state_dim: int, action_dim: int, hyper: Hyper) -> dict[str, list[s
         return {k: list(m.state_dict()) for k, m in reference_modules(state_dim, action_dim, hyper).items()}
 
 
+def initial_modules(state_dim: int, action_dim: int, hyper: Hyper, seed: int) -> dict[str, torch.nn.Module]:
+    """The weights an agent of `seed` starts from: the reference's modules under torch.manual_seed(seed), the
+    target critic a copy of the critic (the global RNG left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init = reference_modules(state_dim, action_dim, hyper)
+    init["critic_target"].load_state_dict(init["critic"].state_dict())
+    return init
+
+
 def initial_weights(state_dim: int, action_dim: int, hyper: Hyper, layout: dict,
                     seeds: list[int]) -> dict[str, dict[str, torch.Tensor]]:
-    """The agents' packed weights by network, a leading agent dimension on each: agent i's initialised as
-    the reference's modules under torch.manual_seed(seeds[i]), the target critic a copy of the critic (the
-    global RNG left as it was)."""
+    """The agents' packed weights by network, a leading agent dimension on each: agent i's are
+    initial_modules(seeds[i])."""
     members = []
     for seed in seeds:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            init = reference_modules(state_dim, action_dim, hyper)
-            init["critic_target"].load_state_dict(init["critic"].state_dict())
-            members.append({net: fastnets.pack(layout[PACKED_AS[net]], init[net].state_dict()) for net in NETWORKS})
+        init = initial_modules(state_dim, action_dim, hyper, seed)
+        members.append({net: fastnets.pack(layout[PACKED_AS[net]], init[net].state_dict()) for net in NETWORKS})
     return {net: {k: torch.stack([m[net][k] for m in members]) for k in members[0][net]} for net in NETWORKS}
 
 

@@ -111,16 +111,12 @@ def _load_release_state(agent, state: dict):
 
 
 def start_from_ours(agent, state_dim: int, action_dim: int, h, seed: int) -> None:
-    """The release agent's networks (their EMA copies too) set to the initial weights ours gives `seed`
-    (dtql_fast.reference_layout.initial_weights: the reference's modules under torch.manual_seed(seed), the
-    target critic a copy of the critic); the global RNG, which the release draws its batches and noise from,
-    is left as it was."""
-    from dtql_fast.reference_layout import reference_modules
+    """The release agent's networks (their EMA copies too) set to the weights ours starts `seed` from
+    (reference_layout.initial_modules); the global RNG, which the release draws its batches and noise from, is
+    left as it was."""
+    from dtql_fast.reference_layout import initial_modules
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        init = reference_modules(state_dim, action_dim, h)
-    init["critic_target"].load_state_dict(init["critic"].state_dict())
+    init = initial_modules(state_dim, action_dim, h, seed)
     load_into_release(agent, {k: m.state_dict() for k, m in init.items()})
     for model, copy in (("bc_actor", "bc_actor_target"), ("distill_actor", "distill_actor_target")):
         if hasattr(agent, copy):

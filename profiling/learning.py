@@ -130,10 +130,11 @@ def _save_atomic(obj, path: Path):
 
 
 def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: Path,
-                episodes: int | None = None, log_every: int = 1000, init: str = "own") -> dict:
+                episodes: int | None = None, log_every: int = 1000, variant: str = "release") -> dict:
     """One seed of the release, as its main.py runs it; resumable: a checkpoint after pretraining and after
     every evaluation (RNG states included), and a second call continues from the last one bit for bit.
-    init="ours" starts it from the weights ours starts `seed` from (start_from_ours), its draws unchanged."""
+    variant="release-ours-init" starts it from the weights ours starts `seed` from (start_from_ours), its draws
+    unchanged."""
     from dtql_fast.data import load_dataset
     from dtql_fast.evaluate import evaluate
 
@@ -153,9 +154,8 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
                  expectile=h.expectile, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, tau=h.tau, gamma=h.gamma,
                  repeats=h.num_candidates)
     env.close()
-    if init == "ours":
+    if variant == "release-ours-init":
         start_from_ours(agent, data.state_dim, data.action_dim, h, seed)
-    variant = {"own": "release", "ours": "release-ours-init"}[init]
     # Q of the data's actions and V on the batch the critic trains on, as ours logs them (q_mean, v_mean):
     # extra forward passes of a critic without randomness, so the release's draws are untouched.
     probe = {"q": 0.0, "v": 0.0, "n": 0}
@@ -478,8 +478,7 @@ def run(args) -> None:
                     continue
                 over = {k: sched[k] for k in ("epochs", "pretrain_epochs", "eval_every", "steps_per_epoch")}
                 run_release(args.release_src, args.task, args.dataset, s, over, folder, sched["eval_episodes"],
-                            log_every=min(1000, args.steps_per_epoch),
-                            init="ours" if variant == "release-ours-init" else "own")
+                            log_every=min(1000, args.steps_per_epoch), variant=variant)
             continue
         for cmd in ours_command(variant, args.task, args.dataset, seeds, sched, args.out):
             folder = Path(cmd[cmd.index("--out") + 1])
@@ -712,12 +711,12 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
     # every other variant against each other (the compiled path against the eager one; the release started from
     # ours' initial weights against ours): the same two tests on the same per-seed figures, so "the compiled path
     # learns what the eager path learns" is a statistic too
-    ours = [v for v, t in table.items() if v != "release" and t and t["last3"]["n"] > 1]
-    by_seed = {v: last3_by_seed(done[v]) for v in ours}
+    beside = [v for v, t in table.items() if v != "release" and t and t["last3"]["n"] > 1]
+    by_seed = {v: last3_by_seed(done[v]) for v in beside}
     between = {f"{a} vs {b}": {"welch": welch(table[a]["last3"]["values"], table[b]["last3"]["values"]),
                                "rank": rank_test(table[a]["last3"]["values"], table[b]["last3"]["values"]),
                                "paired": paired(by_seed[a], by_seed[b])}
-               for i, a in enumerate(ours) for b in ours[i + 1:]}
+               for i, a in enumerate(beside) for b in beside[i + 1:]}
     evals = per_evaluation(variants)
     # steadiness over the second half of training (the first evaluations are of a policy still forming)
     half = (sched["pretrain_epochs"] + sched["epochs"] / 2) * sched["steps_per_epoch"] if final_step else 0

@@ -593,15 +593,20 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     return {"seeds": seeds, "n": n, "diff": diff, "se": se, "t": t, "p": p, "p_signflip": p_flip}
 
 
+# An episode this short fell from its start state, before it could walk: on the walker data such episodes end
+# in 7-10 steps at a return of about -1, every one of the ten at once, while falls from walking take 30 steps or
+# more (all walker runs of #34, 45k and 150-epoch schedules).
+AT_ONCE = 20
 STEADINESS = (("fell", "share of episodes that ended before the env's step limit (fell)", "{:.2f}"),
+              ("at_once", f"share of episodes that fell within {AT_ONCE} steps (at once, from the start state)", "{:.2f}"),
               ("spread", "spread of episode scores within an evaluation (std)", "{:.1f}"),
               ("full", "score of the episodes that ran to the limit", "{:.1f}"))
 
 
 def steadiness(per_seed: dict[int, list[dict]], from_step: int, limit: int) -> dict[int, dict]:
     """Per seed, over its evaluations at `from_step` or later: how often an episode ended before the env's step
-    limit (a walker that fell), the std of episode scores within one evaluation (averaged over evaluations), and
-    the mean score of the episodes that ran to the limit. A seed's final score mixes these; they say whether a
+    limit (a walker that fell) and how often within AT_ONCE steps (at once), the std of episode scores within one
+    evaluation (averaged over evaluations), and the mean score of the episodes that ran to the limit. A seed's final score mixes these; they say whether a
     lower score is a policy that falls more often or one that walks worse."""
     out = {}
     for seed, rows in per_seed.items():
@@ -611,6 +616,7 @@ def steadiness(per_seed: dict[int, list[dict]], from_step: int, limit: int) -> d
         lengths = [n for r in ev for n in r["lengths"]]
         full = [x for r in ev for x, n in zip(r["scores"], r["lengths"]) if n >= limit]
         out[seed] = {"fell": sum(n < limit for n in lengths) / len(lengths),
+                     "at_once": sum(n < AT_ONCE for n in lengths) / len(lengths),
                      "spread": statistics.fmean(statistics.pstdev(r["scores"]) if len(r["scores"]) > 1 else 0.0
                                                 for r in ev),
                      "full": statistics.fmean(full) if full else float("nan"), "episodes": len(lengths)}
@@ -656,9 +662,12 @@ def per_evaluation(variants: dict[str, dict[int, list[dict]]], reference: str = 
 
 
 def agreement(a: dict, b: dict) -> dict:
-    """Welch: the difference of means against its standard error; 'agree' when within 2 SE."""
+    """Welch: the difference of means against its standard error; 'agree' when within 2 SE (None when a side
+    has one seed, so no standard error)."""
     diff = a["mean"] - b["mean"]
     se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+    if math.isnan(se):
+        return {"diff": diff, "se": se, "z": float("nan"), "within_2se": None}
     return {"diff": diff, "se": se, "z": diff / se if se > 0 else float("inf"), "within_2se": abs(diff) <= 2 * se}
 
 
@@ -760,10 +769,11 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             continue
         f, b = t["final"], t["best"]
         vs = t.get("vs_release_final")
-        vs_txt = f"{vs['diff']:+.1f} ± {vs['se']:.1f}, {'yes' if vs['within_2se'] else 'NO'}" if vs else "-"
+        vs_txt = ("-" if not vs else f"{vs['diff']:+.1f}, - (one seed: no se)" if vs["within_2se"] is None
+                  else f"{vs['diff']:+.1f} ± {vs['se']:.1f}, {'yes' if vs['within_2se'] else 'NO'}")
         mark = "" if t["finished"] else " †"
-        lines.append(f"| {v}{mark} | {f['n']} | {f['mean']:.1f} ± {f['std']:.1f} (± {f['se']:.1f}) | "
-                     f"{b['mean']:.1f} ± {b['std']:.1f} (± {b['se']:.1f}) | {vs_txt} |")
+        spread = lambda x: f"{x['mean']:.1f}" + (f" ± {x['std']:.1f} (± {x['se']:.1f})" if x["n"] > 1 else "")  # noqa: E731
+        lines.append(f"| {v}{mark} | {f['n']} | {spread(f)} | {spread(b)} | {vs_txt} |")
     if not all(t.get("finished", True) for t in table.values()):
         lines += ["", "† not finished: its latest evaluation counts as final."]
     if partial:
@@ -779,10 +789,10 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                   "| variant | mean ± se | release mean ± se | diff | t | df | p | mde80 | rank p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         rel = table["release"]["last3"]
+        mean_se = lambda x: f"{x['mean']:.1f}" + (f" ± {x['se']:.1f}" if x["n"] > 1 else " (one seed)")  # noqa: E731
         for v, w in welched.items():
             m, r = table[v]["last3"], table[v].get("rank_last3") or {}
-            lines.append(f"| {v} | {m['mean']:.1f} ± {m['se']:.1f} | {rel['mean']:.1f} ± {rel['se']:.1f} | "
-                         + _test_cells(w, r))
+            lines.append(f"| {v} | {mean_se(m)} | {mean_se(rel)} | " + _test_cells(w, r))
     if between:
         lines += ["", f"The variants beside the release against each other, each seed's mean over its last {LAST} "
                   "evaluations (Welch's test, then Mann-Whitney's exact rank p); they start each seed from the same "

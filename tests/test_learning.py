@@ -37,6 +37,8 @@ def test_agreement_is_welch_within_two_standard_errors():
     assert ag["within_2se"]
     far = learning.agreement(learning._stats([90.0, 91.0, 92.0]), b)
     assert not far["within_2se"] and far["z"] > 2
+    # one seed has no standard error: neither 'agree' nor 'differ' (not a NO, as a NaN comparison would say)
+    assert learning.agreement(learning._stats([90.0]), b)["within_2se"] is None
 
 
 def test_report_reads_per_seed_and_group_folders(tmp_path):
@@ -146,7 +148,8 @@ def test_steadiness_separates_falling_from_walking_worse(tmp_path):
     rows = {0: [ev(1000, [0.0, 0.0], [5, 5]),  # before from_step: left out
                 ev(2000, [70.0, 10.0], [100, 20]), ev(3000, [80.0, 80.0], [100, 100])]}
     got = learning.steadiness(rows, from_step=2000, limit=100)[0]
-    assert got["fell"] == 0.25 and got["episodes"] == 4
+    assert got["fell"] == 0.25 and got["episodes"] == 4 and got["at_once"] == 0.0  # 20 steps is not at once
+    assert learning.steadiness({2: [ev(2000, [0.0, 0.0, 0.0, 80.0], [19, 8, 30, 100])]}, 0, 100)[2]["at_once"] == 0.5
     assert got["spread"] == pytest.approx((30.0 + 0.0) / 2) and got["full"] == pytest.approx(230 / 3)
     assert math.isnan(learning.steadiness({1: [ev(2000, [5.0, 6.0], [9, 9])]}, 0, 100)[1]["full"])
     # in the report: the second half of training from the schedule, tested against the release

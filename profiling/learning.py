@@ -316,13 +316,27 @@ PROBE_STATS = (("q_policy", "Q of the policy's action (own critic)"), ("q_data",
                ("log_std", "policy log std before its clamp"), ("clamped", "share of log stds under -5 (clamped)"),
                ("saturated", "share of abs(tanh(mu)) > 0.99")) + tuple(
     (f"tr@{s}", f"trust region at sigma {s}") for s in PROBE_SIGMAS) + tuple(
-    (f"bc@{s}", f"behaviour cloning at sigma {s}") for s in PROBE_SIGMAS)
+    (f"bc@{s}", f"behaviour cloning at sigma {s}") for s in PROBE_SIGMAS) + (
+    ("start_q_gap", "Q(policy) - Q(data) at the data's episode starts"),
+    ("start_action_gap", "mean abs(policy action - data action) at the data's episode starts"))
 
 
-def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hyper, seed: int = 0) -> dict:
+def episode_starts(t) -> torch.Tensor:
+    """Rows of a Transitions that begin an episode: the first row, every row after a terminal one, and every row
+    whose state is not the previous row's next state (after a time-out, whose row the loader drops; a terminal
+    row's next state is the next row's state, as in D4RL's qlearning_dataset, so it needs its own rule). Few (one
+    per episode, about 300 of walker's 200k), so the data constrains the policy there least; a walker that falls
+    at once from its start state acts wrongly there (issue #34)."""
+    cont = (t.obs[1:] == t.next_obs[:-1]).all(dim=1) & (t.not_done[:-1, 0] > 0)
+    return torch.cat([torch.tensor([0]), torch.nonzero(~cont).flatten() + 1])
+
+
+def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hyper, seed: int = 0,
+                   starts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """One run's networks on fixed dataset rows (s, a): its critic's view of its policy against the data,
     the policy's spread, and the EDM losses at fixed noise levels (the trust region on the policy's own
-    actions, behaviour cloning on the data's), with noise drawn from `seed`, so every run is probed alike."""
+    actions, behaviour cloning on the data's), with noise drawn from `seed`, so every run is probed alike;
+    and, given the data's episode starts (states, actions), the critic's view and the policy's distance there."""
     from dtql_fast.edm import edm_loss
     from dtql_fast.nets import LOG_STD_MIN
     from dtql_fast.reference_layout import reference_modules
@@ -345,6 +359,11 @@ def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hype
             sigma = torch.full((a.shape[0], 1), sig)
             out[f"tr@{sig}"] = edm_loss(diffusion, a_pi, s, sigma, noise, hyper.max_action).item()
             out[f"bc@{sig}"] = edm_loss(diffusion, a, s, sigma, noise, hyper.max_action).item()
+        if starts is not None:
+            s0, a0 = starts
+            a0_pi = pol.sample(s0, torch.randn(a0.shape, generator=g))
+            out["start_q_gap"] = (critic.q_min(s0, a0_pi) - critic.q_min(s0, a0)).mean().item()
+            out["start_action_gap"] = (a0_pi - a0).abs().mean().item()
     return out
 
 
@@ -373,12 +392,15 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
     d = loaded.transitions
     rows = torch.randint(0, d.n, (states,), generator=torch.Generator().manual_seed(0))
     s, a = d.obs[rows], d.actions[rows]
-    result = {"meta": {"task": task, "dataset": dataset, "states": states, "sigmas": list(PROBE_SIGMAS)},
+    first = episode_starts(d)
+    result = {"meta": {"task": task, "dataset": dataset, "states": states, "sigmas": list(PROBE_SIGMAS),
+                       "episode_starts": len(first)},
               "variants": {}}
     for v in VARIANTS:
         for seed, folder, agent in _finished_seeds(root / v) if (root / v).is_dir() else []:
             nets, step = networks_of(folder, agent)
-            stats = {"step": step, **probe_networks(nets, s, a, loaded.task.hyper)}
+            stats = {"step": step, **probe_networks(nets, s, a, loaded.task.hyper,
+                                                    starts=(d.obs[first], d.actions[first]))}
             result["variants"].setdefault(v, {})[str(seed)] = stats
             print(f"{v} seed {seed} (step {step}): " + ", ".join(f"{k} {stats[k]:.4g}" for k, _ in PROBE_STATS[:6]),
                   flush=True)

@@ -384,7 +384,8 @@ def test_probe_measures_the_networks_it_is_given():
         last.bias.copy_(torch.tensor([0.5] * A + [-7.0] * (A // 2) + [-1.0] * (A - A // 2)))
     nets = {k: m.state_dict() for k, m in mods.items()}
     s, a = torch.randn(B, S), torch.rand(B, A) * 2 - 1
-    got = learning.probe_networks(nets, s, a, h, seed=5)
+    s0, a0 = s[:7], a[:7]
+    got = learning.probe_networks(nets, s, a, h, seed=5, starts=(s0, a0))
     assert got["clamped"] == pytest.approx(0.5) and got["saturated"] == 0.0
     assert got["log_std"] == pytest.approx((-7.0 * (A // 2) - 1.0 * (A - A // 2)) / A)
     assert got["q_gap"] == pytest.approx(got["q_policy"] - got["q_data"])
@@ -399,7 +400,25 @@ def test_probe_measures_the_networks_it_is_given():
         bc = edm_loss(mods["diffusion"], a, s, sigma, noise, h.max_action).item()
     assert got[f"tr@{learning.PROBE_SIGMAS[1]}"] == pytest.approx(tr, rel=1e-6)
     assert got[f"bc@{learning.PROBE_SIGMAS[1]}"] == pytest.approx(bc, rel=1e-6)
+    a0_pi = mods["policy"].sample(s0, torch.randn(a0.shape, generator=g))  # drawn after the others
+    assert got["start_action_gap"] == pytest.approx((a0_pi - a0).abs().mean().item(), rel=1e-6)
+    with torch.no_grad():
+        gap0 = (mods["critic"].q_min(s0, a0_pi) - mods["critic"].q_min(s0, a0)).mean().item()
+    assert got["start_q_gap"] == pytest.approx(gap0, rel=1e-5, abs=1e-6)
     assert {k for k, _ in learning.PROBE_STATS} == set(got)
+
+
+def test_episode_starts_are_the_rows_that_do_not_continue_the_previous_one():
+    from dtql_fast.transitions import Transitions
+
+    obs = torch.arange(10.0).reshape(10, 1)
+    nxt = obs + 1
+    nxt[3] = 99.0  # episodes time out at rows 3 and 6 (their next states are not the next rows' states)
+    nxt[6] = -5.0
+    not_done = torch.ones(10, 1)
+    not_done[8] = 0.0  # row 8 ends in a terminal state; its next state is row 9's (the loader's D4RL rule)
+    t = Transitions(obs, torch.zeros(10, 1), torch.zeros(10, 1), nxt, not_done)
+    assert learning.episode_starts(t).tolist() == [0, 4, 7, 9]
 
 
 def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
@@ -410,8 +429,9 @@ def test_probe_table_compares_runs_at_the_release_final_step(tmp_path):
     lines = learning.probe_table({"meta": {"states": 10}, "variants": {"release": rel, "single-eager": ours}})
     row = next(line for line in lines if line.startswith("| Q(policy) - Q(data) |"))
     p = learning.welch([2.0, 2.1, 2.3], [3.0, 3.2, 3.4])["p"]
-    # the smallest p of the 16 (the others compare equal values, p = 1): Holm multiplies it by 16
-    assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} ({min(1.0, 16 * p):.2f}) |" in row and "2.133 ± 0.088" in row
+    # the smallest p of the family (the others compare equal values, p = 1): Holm multiplies it by their number
+    m = len(learning.PROBE_STATS)
+    assert "single-eager (n=3)" in lines[2] and f"| {p:.3f} ({min(1.0, m * p):.2f}) |" in row and "2.133 ± 0.088" in row
     assert all(line.count("|") == lines[2].count("|") for line in lines[2:])  # no title splits a row
     # per-seed and group folders: only finished runs are probed
     _write(tmp_path / "single-eager" / "seed0", _seed_rows([1.0]))

@@ -331,12 +331,13 @@ def episode_starts(t) -> torch.Tensor:
     return torch.cat([torch.tensor([0]), torch.nonzero(~cont).flatten() + 1])
 
 
-def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hyper, seed: int = 0,
-                   starts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor,
+                   starts: tuple[torch.Tensor, torch.Tensor], hyper, seed: int = 0) -> dict:
     """One run's networks on fixed dataset rows (s, a): its critic's view of its policy against the data,
     the policy's spread, and the EDM losses at fixed noise levels (the trust region on the policy's own
     actions, behaviour cloning on the data's), with noise drawn from `seed`, so every run is probed alike;
-    and, given the data's episode starts (states, actions), the critic's view and the policy's distance there."""
+    and at the data's episode starts (`starts`: their states and actions) the critic's view and the policy's
+    distance from the data there."""
     from dtql_fast.edm import edm_loss
     from dtql_fast.nets import LOG_STD_MIN
     from dtql_fast.reference_layout import reference_modules
@@ -359,11 +360,10 @@ def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor, hype
             sigma = torch.full((a.shape[0], 1), sig)
             out[f"tr@{sig}"] = edm_loss(diffusion, a_pi, s, sigma, noise, hyper.max_action).item()
             out[f"bc@{sig}"] = edm_loss(diffusion, a, s, sigma, noise, hyper.max_action).item()
-        if starts is not None:
-            s0, a0 = starts
-            a0_pi = pol.sample(s0, torch.randn(a0.shape, generator=g))
-            out["start_q_gap"] = (critic.q_min(s0, a0_pi) - critic.q_min(s0, a0)).mean().item()
-            out["start_action_gap"] = (a0_pi - a0).abs().mean().item()
+        s0, a0 = starts
+        a0_pi = pol.sample(s0, torch.randn(a0.shape, generator=g))
+        out["start_q_gap"] = (critic.q_min(s0, a0_pi) - critic.q_min(s0, a0)).mean().item()
+        out["start_action_gap"] = (a0_pi - a0).abs().mean().item()
     return out
 
 
@@ -399,8 +399,7 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
     for v in VARIANTS:
         for seed, folder, agent in _finished_seeds(root / v) if (root / v).is_dir() else []:
             nets, step = networks_of(folder, agent)
-            stats = {"step": step, **probe_networks(nets, s, a, loaded.task.hyper,
-                                                    starts=(d.obs[first], d.actions[first]))}
+            stats = {"step": step, **probe_networks(nets, s, a, (d.obs[first], d.actions[first]), loaded.task.hyper)}
             result["variants"].setdefault(v, {})[str(seed)] = stats
             print(f"{v} seed {seed} (step {step}): " + ", ".join(f"{k} {stats[k]:.4g}" for k, _ in PROBE_STATS[:6]),
                   flush=True)
@@ -616,8 +615,8 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
 
 
 # An episode this short fell from its start state, before it could walk: on the walker data such episodes end
-# in 7-10 steps at a return of about -1, every one of the ten at once, while falls from walking take 30 steps or
-# more (all walker runs of #34, 45k and 150-epoch schedules).
+# in 7-10 steps at a return of about -1, while falls from walking take 30 steps or more (every walker run of
+# #34, 45k and 150-epoch schedules).
 AT_ONCE = 20
 STEADINESS = (("fell", "share of episodes that ended before the env's step limit (fell)", "{:.2f}"),
               ("at_once", f"share of episodes that fell within {AT_ONCE} steps (at once, from the start state)", "{:.2f}"),
@@ -628,8 +627,9 @@ STEADINESS = (("fell", "share of episodes that ended before the env's step limit
 def steadiness(per_seed: dict[int, list[dict]], from_step: int, limit: int) -> dict[int, dict]:
     """Per seed, over its evaluations at `from_step` or later: how often an episode ended before the env's step
     limit (a walker that fell) and how often within AT_ONCE steps (at once), the std of episode scores within one
-    evaluation (averaged over evaluations), and the mean score of the episodes that ran to the limit. A seed's final score mixes these; they say whether a
-    lower score is a policy that falls more often or one that walks worse."""
+    evaluation (averaged over evaluations), and the mean score of the episodes that ran to the limit. A seed's
+    final score mixes these; they say whether a lower score is a policy that falls more often or one that walks
+    worse."""
     out = {}
     for seed, rows in per_seed.items():
         ev = [r for r in rows if r["kind"] == "eval" and r["step"] >= from_step and r.get("lengths") and r.get("scores")]

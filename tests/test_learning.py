@@ -385,7 +385,7 @@ def test_probe_measures_the_networks_it_is_given():
     nets = {k: m.state_dict() for k, m in mods.items()}
     s, a = torch.randn(B, S), torch.rand(B, A) * 2 - 1
     s0, a0 = s[:7], a[:7]
-    got = learning.probe_networks(nets, s, a, h, seed=5, starts=(s0, a0))
+    got = learning.probe_networks(nets, s, a, (s0, a0), h, seed=5)
     assert got["clamped"] == pytest.approx(0.5) and got["saturated"] == 0.0
     assert got["log_std"] == pytest.approx((-7.0 * (A // 2) - 1.0 * (A - A // 2)) / A)
     assert got["q_gap"] == pytest.approx(got["q_policy"] - got["q_data"])

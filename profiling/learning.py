@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtql_fast.edm import SIGMA_DATA
 from dtql_fast.seeds import format_seeds, parse_seeds
 from dtql_fast.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from dtql_fast.runstatus import write_json_atomic
@@ -309,6 +310,7 @@ def swap(src: Path, folders: list[Path], task: str, dataset: str, episodes: int,
 # Noise levels of the trust-region and behaviour-cloning probes, fine to coarse (the training draws
 # sigma around sigma_data = 0.5, log-logistic).
 PROBE_SIGMAS = (0.01, 0.1, 0.5, 2.0)
+START_SIGMA = SIGMA_DATA  # at the episode starts one noise level: sigma_data, where the training's draw centres
 PROBE_STATES = 20_000
 # What probe_networks reports, in the order the report tabulates it.
 PROBE_STATS = (("q_policy", "Q of the policy's action (own critic)"), ("q_data", "Q of the data's action"),
@@ -318,7 +320,9 @@ PROBE_STATS = (("q_policy", "Q of the policy's action (own critic)"), ("q_data",
     (f"tr@{s}", f"trust region at sigma {s}") for s in PROBE_SIGMAS) + tuple(
     (f"bc@{s}", f"behaviour cloning at sigma {s}") for s in PROBE_SIGMAS) + (
     ("start_q_gap", "Q(policy) - Q(data) at the data's episode starts"),
-    ("start_action_gap", "mean abs(policy action - data action) at the data's episode starts"))
+    ("start_action_gap", "mean abs(policy action - data action) at the data's episode starts"),
+    ("start_tr", f"trust region at sigma {START_SIGMA} at the data's episode starts"),
+    ("start_bc", f"behaviour cloning at sigma {START_SIGMA} at the data's episode starts"))
 
 
 def episode_starts(t) -> torch.Tensor:
@@ -364,6 +368,9 @@ def probe_networks(nets: dict[str, dict], s: torch.Tensor, a: torch.Tensor,
         a0_pi = pol.sample(s0, torch.randn(a0.shape, generator=g))
         out["start_q_gap"] = (critic.q_min(s0, a0_pi) - critic.q_min(s0, a0)).mean().item()
         out["start_action_gap"] = (a0_pi - a0).abs().mean().item()
+        noise0, sigma0 = torch.randn(a0.shape[0], 1, a0.shape[1], generator=g), torch.full((a0.shape[0], 1), START_SIGMA)
+        out["start_tr"] = edm_loss(diffusion, a0_pi, s0, sigma0, noise0, hyper.max_action).item()
+        out["start_bc"] = edm_loss(diffusion, a0, s0, sigma0, noise0, hyper.max_action).item()
     return out
 
 

@@ -405,6 +405,11 @@ def test_probe_measures_the_networks_it_is_given():
     with torch.no_grad():
         gap0 = (mods["critic"].q_min(s0, a0_pi) - mods["critic"].q_min(s0, a0)).mean().item()
     assert got["start_q_gap"] == pytest.approx(gap0, rel=1e-5, abs=1e-6)
+    noise0, sigma0 = torch.randn(7, 1, A, generator=g), torch.full((7, 1), learning.START_SIGMA)
+    with torch.no_grad():
+        tr0 = edm_loss(mods["diffusion"], a0_pi, s0, sigma0, noise0, h.max_action).item()
+        bc0 = edm_loss(mods["diffusion"], a0, s0, sigma0, noise0, h.max_action).item()
+    assert got["start_tr"] == pytest.approx(tr0, rel=1e-6) and got["start_bc"] == pytest.approx(bc0, rel=1e-6)
     assert {k for k, _ in learning.PROBE_STATS} == set(got)
 
 

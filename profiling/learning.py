@@ -400,13 +400,14 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
     rows = torch.randint(0, d.n, (states,), generator=torch.Generator().manual_seed(0))
     s, a = d.obs[rows], d.actions[rows]
     first = episode_starts(d)
+    starts = (d.obs[first], d.actions[first])
     result = {"meta": {"task": task, "dataset": dataset, "states": states, "sigmas": list(PROBE_SIGMAS),
                        "episode_starts": len(first)},
               "variants": {}}
     for v in VARIANTS:
         for seed, folder, agent in _finished_seeds(root / v) if (root / v).is_dir() else []:
             nets, step = networks_of(folder, agent)
-            stats = {"step": step, **probe_networks(nets, s, a, (d.obs[first], d.actions[first]), loaded.task.hyper)}
+            stats = {"step": step, **probe_networks(nets, s, a, starts, loaded.task.hyper)}
             result["variants"].setdefault(v, {})[str(seed)] = stats
             print(f"{v} seed {seed} (step {step}): " + ", ".join(f"{k} {stats[k]:.4g}" for k, _ in PROBE_STATS[:6]),
                   flush=True)
@@ -432,8 +433,7 @@ def probe_table(result: dict, reference: str = "release") -> list[str]:
              "|---|---|" + "---|---|" * len(others)]
 
     def cell(xs):
-        st = _stats(xs)
-        return f"{st['mean']:.4g} ± {st['se']:.2g}" if st["n"] > 1 else f"{st['mean']:.4g}"
+        return _mean_se(_stats(xs), "{:.4g}", "{:.2g}")
 
     ps = {v: holm([welch([r[k] for r in vals[v]], [r[k] for r in vals[reference]]).get("p") for k, _ in PROBE_STATS])
           for v in others}
@@ -547,6 +547,11 @@ def _stats(xs: list[float]) -> dict:
     mean = statistics.fmean(xs)
     std = statistics.stdev(xs) if n > 1 else float("nan")
     return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if n > 1 else float("nan"), "values": xs}
+
+
+def _mean_se(st: dict, fmt: str = "{:.1f}", se_fmt: str | None = None) -> str:
+    """A table cell from _stats: mean ± se over seeds, or the mean alone where one seed gives no standard error."""
+    return fmt.format(st["mean"]) + (f" ± {(se_fmt or fmt).format(st['se'])}" if st["n"] > 1 else "")
 
 
 def _scores(rows: list[dict]) -> list[float]:
@@ -793,6 +798,10 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
              (f" Behaviour data: {behaviour_score:.1f}." if behaviour_score is not None else ""), "",
              "| variant | seeds | final score mean ± std (± se) | best-of-run mean ± std (± se) | final vs release: diff ± se, within 2 se |",
              "|---|---|---|---|---|"]
+
+    def spread(x):  # mean ± std (± se), or the mean alone for one seed
+        return f"{x['mean']:.1f}" + (f" ± {x['std']:.1f} (± {x['se']:.1f})" if x["n"] > 1 else "")
+
     for v, t in table.items():
         if not t:
             continue
@@ -801,7 +810,6 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
         vs_txt = ("-" if not vs else f"{vs['diff']:+.1f}, - (one seed: no se)" if vs["within_2se"] is None
                   else f"{vs['diff']:+.1f} ± {vs['se']:.1f}, {'yes' if vs['within_2se'] else 'NO'}")
         mark = "" if t["finished"] else " †"
-        spread = lambda x: f"{x['mean']:.1f}" + (f" ± {x['std']:.1f} (± {x['se']:.1f})" if x["n"] > 1 else "")  # noqa: E731
         lines.append(f"| {v}{mark} | {f['n']} | {spread(f)} | {spread(b)} | {vs_txt} |")
     if not all(t.get("finished", True) for t in table.values()):
         lines += ["", "† not finished: its latest evaluation counts as final."]
@@ -818,10 +826,10 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
                   "| variant | mean ± se | release mean ± se | diff | t | df | p | mde80 | rank p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         rel = table["release"]["last3"]
-        mean_se = lambda x: f"{x['mean']:.1f}" + (f" ± {x['se']:.1f}" if x["n"] > 1 else " (one seed)")  # noqa: E731
         for v, w in welched.items():
             m, r = table[v]["last3"], table[v].get("rank_last3") or {}
-            lines.append(f"| {v} | {mean_se(m)} | {mean_se(rel)} | " + _test_cells(w, r))
+            lines.append(f"| {v} | " + " | ".join(_mean_se(x) + ("" if x["n"] > 1 else " (one seed)") for x in (m, rel))
+                         + " | " + _test_cells(w, r))
     if between:
         lines += ["", f"The variants beside the release against each other, each seed's mean over its last {LAST} "
                   "evaluations (Welch's test, then Mann-Whitney's exact rank p); they start each seed from the same "
@@ -864,7 +872,7 @@ def report(root: Path, out: Path, behaviour_score: float | None = None) -> dict:
             for v in shown:
                 xs = [x[k] for x in steady[v].values() if not math.isnan(x[k])]
                 st_ = _stats(xs) if xs else None
-                cell = "-" if not st_ else (fmt.format(st_["mean"]) + (f" ± {fmt.format(st_['se'])}" if st_["n"] > 1 else ""))
+                cell = _mean_se(st_, fmt) if st_ else "-"
                 if v != "release":
                     t = (table.get(v) or {}).get("steadiness", {}).get(k, {})
                     cell += " | " + (f"{t['welch']['p']:.3f}" if "p" in t.get("welch", {}) else "-")

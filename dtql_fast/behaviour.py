@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import optional
+from .data import d4rl_fingerprint
 from .tasks import TASKS
 
 gym = optional.gymnasium()
@@ -236,16 +237,19 @@ def rollout(out: Path, policy: Path = DEFAULT_POLICY, transitions: int = 200_000
         timeouts.append(end & (not e["terminal"]))
         returns.append(float(np.sum(np.asarray(e["r"], np.float64))))
     ret = float(np.mean(returns))
+    arrays = {"observations": rows["o"], "actions": rows["a"], "rewards": rows["r"],
+              "terminals": np.concatenate(terminals), "timeouts": np.concatenate(timeouts)}
     info = {"env_id": env_id, "policy": str(policy), "policy_meta": ckpt["meta"], "seed": seed,
             "rows": int(rows["r"].shape[0]), "episodes": len(done_eps), "return_mean": ret,
             "return_std": float(np.std(returns)),
             "score_mean": task.normalized_score(ret) if task else None,
-            "d4rl_task": task.name if task else None, "wall_s": time.perf_counter() - t0}
+            "d4rl_task": task.name if task else None, "fingerprint": d4rl_fingerprint(arrays),
+            "wall_s": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(tmp, "w") as f:
-        f["observations"], f["actions"], f["rewards"] = rows["o"], rows["a"], rows["r"]
-        f["terminals"], f["timeouts"] = np.concatenate(terminals), np.concatenate(timeouts)
+        for k, v in arrays.items():
+            f[k] = v
         for k, v in info.items():
             if k != "wall_s":  # the file is the same bytes for the same seed
                 f.attrs[k] = json.dumps(v)

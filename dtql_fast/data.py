@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -68,6 +69,7 @@ class LoadedData:
     source: str = ""                         # file path or Minari id the data was read from
     episodes: int | None = None              # complete episodes behind behaviour_return
     env_problem: str | None = None           # set when make_env() is known to fail (missing extra)
+    fingerprint: str | None = None           # d4rl_fingerprint of a D4RL file's arrays (None for other sources)
     extras: dict = field(default_factory=dict)
 
 
@@ -256,6 +258,19 @@ def _read_d4rl_hdf5(path: Path, url: str | None) -> dict[str, np.ndarray]:
                                f"or corrupt.{again}") from None
 
 
+def d4rl_fingerprint(raw: dict) -> str:
+    """The first 16 hex digits of a sha256 over a D4RL file's five arrays (name, dtype, shape, bytes). Two
+    builds of a dataset hold the same data exactly when their fingerprints agree, whatever HDF5 wrote around
+    the arrays. A rebuild is not the same data on every CPU (docs/learning.md: MKL picks its code path by
+    CPU vendor), so a run records the fingerprint of what it read."""
+    h = hashlib.sha256()
+    for k in D4RL_KEYS:
+        a = np.ascontiguousarray(raw[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _as_column(raw: dict, key: str, n: int, source: str) -> np.ndarray:
     arr = np.asarray(raw[key])
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
@@ -334,7 +349,8 @@ def load_d4rl(task: Task, dataset_path=None, device="cpu", *, download: bool = T
     if task.reward_shift:
         note += f"; rewards shifted by {task.reward_shift:+g}"
     return LoadedData(transitions, task, make_env, float(np.mean(rets)) if rets else None, note=note,
-                      source=str(path), episodes=len(rets), env_problem=_env_problem(task.env_id))
+                      source=str(path), episodes=len(rets), env_problem=_env_problem(task.env_id),
+                      fingerprint=d4rl_fingerprint(raw))
 
 
 # -- Minari -------------------------------------------------------------------------------------
@@ -644,6 +660,12 @@ class RunData:
     @property
     def source(self) -> str:
         return ",".join(one.source for one in self.per_task)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The datasets' fingerprints, one per task in order (None where a source has none)."""
+        prints = [one.fingerprint for one in self.per_task]
+        return None if prints == [None] * len(prints) else ",".join(p or "-" for p in prints)
 
     @property
     def note(self) -> str:

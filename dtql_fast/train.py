@@ -294,7 +294,8 @@ class Run:
         self.log = MetricLog(out, trackers)
         (out / runfolder.CONFIG).write_text(json.dumps({"config": dataclasses.asdict(cfg),
                                                         "hyper": dataclasses.asdict(hyper),
-                                                        "task": cfg.task, "source": loaded.source}, indent=2))
+                                                        "task": cfg.task, "source": loaded.source,
+                                                        "fingerprint": loaded.fingerprint}, indent=2))
         print(start_message(",".join(cfg.tasks), cfg.seed, self.who, self.data, device,
                             self.mode() if self.choice.compile is not None else "auto", self.choice.why,
                             self.kernels, out))

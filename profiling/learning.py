@@ -186,7 +186,8 @@ def run_release(src: Path, task: str, dataset: str, seed: int, over: dict, out: 
     else:
         (out / METRICS).write_text("")
     (out / CONFIG).write_text(json.dumps({"variant": variant, "src": str(src), "task": task,
-                                          "dataset": dataset, "seed": seed, "hyper": h.__dict__}, indent=2))
+                                          "dataset": dataset, "fingerprint": loaded.fingerprint, "seed": seed,
+                                          "hyper": h.__dict__}, indent=2))
     log = open(out / METRICS, "a")
     t0 = time.perf_counter() - wall_before
 
@@ -387,7 +388,9 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
           states: int = PROBE_STATES) -> dict:
     """probe_networks on every finished run under root (each variant, each seed) on the same dataset rows;
     writes out/probe.json, which `report` tabulates against the release. Task and dataset: root's
-    comparison.json (what `run` trained on) unless given."""
+    comparison.json (what `run` trained on) unless given. Runs an earlier probe.json in `out` holds and root
+    does not are kept (a comparison whose runs finished on different machines is probed piece by piece);
+    one probed on other data or rows is refused before anything is written."""
     from dtql_fast.data import load_dataset
 
     meta = json.loads((root / "comparison.json").read_text()) if (root / "comparison.json").exists() else {}
@@ -401,9 +404,10 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
     s, a = d.obs[rows], d.actions[rows]
     first = episode_starts(d)
     starts = (d.obs[first], d.actions[first])
-    result = {"meta": {"task": task, "dataset": dataset, "states": states, "sigmas": list(PROBE_SIGMAS),
-                       "episode_starts": len(first)},
+    result = {"meta": {"task": task, "dataset": dataset, "fingerprint": loaded.fingerprint, "states": states,
+                       "sigmas": list(PROBE_SIGMAS), "episode_starts": len(first)},
               "variants": {}}
+    earlier = _earlier_probe(out / "probe.json", result["meta"])
     for v in VARIANTS:
         for seed, folder, agent in _finished_seeds(root / v) if (root / v).is_dir() else []:
             nets, step = networks_of(folder, agent)
@@ -411,9 +415,39 @@ def probe(root: Path, out: Path, task: str | None = None, dataset: str | None = 
             result["variants"].setdefault(v, {})[str(seed)] = stats
             print(f"{v} seed {seed} (step {step}): " + ", ".join(f"{k} {stats[k]:.4g}" for k, _ in PROBE_STATS[:6]),
                   flush=True)
+    kept = 0
+    for v, runs in earlier.items():
+        for seed, stats in runs.items():
+            if seed not in result["variants"].get(v, {}):
+                result["variants"].setdefault(v, {})[seed] = stats
+                kept += 1
+    if kept:
+        print(f"kept {kept} run(s) of the earlier {out / 'probe.json'} that {root} does not hold", flush=True)
+    result["variants"] = {v: dict(sorted(result["variants"][v].items(), key=lambda kv: int(kv[0])))
+                          for v in VARIANTS if v in result["variants"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _earlier_probe(path: Path, meta: dict) -> dict:
+    """The runs of an earlier probe.json, if it probed the same rows of the same data: the same task, rows,
+    noise levels and episode starts, and the same dataset fingerprint (the same path where it recorded
+    none). Anything else is refused, so that one table never mixes two datasets."""
+    if not path.exists():
+        return {}
+    try:
+        before = json.loads(path.read_text())
+        old, runs = before["meta"], before["variants"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is not a probe.json `probe` wrote ({e}); move it aside or give another --out")
+    same = ["task", "states", "sigmas", "episode_starts"]
+    same.append("fingerprint" if old.get("fingerprint") and meta.get("fingerprint") else "dataset")
+    differ = [k for k in same if old.get(k) != meta.get(k)]
+    if differ:
+        raise SystemExit(f"error: {path} probed other data or rows ({', '.join(f'{k}: {old.get(k)!r}, now {meta.get(k)!r}' for k in differ)}); "
+                         "give another --out, or move it aside to probe afresh")
+    return runs
 
 
 def probe_table(result: dict, reference: str = "release") -> list[str]:
@@ -920,7 +954,8 @@ def main(argv=None):
     b.add_argument("--task", help="default: the task in ROOT/comparison.json (what `run` trained)")
     b.add_argument("--dataset", help="default: the dataset in ROOT/comparison.json")
     b.add_argument("--states", type=int, default=PROBE_STATES)
-    b.add_argument("--out", type=Path, required=True, help="where probe.json goes (report's --out, to tabulate it)")
+    b.add_argument("--out", type=Path, required=True, help="where probe.json goes (report's --out, to tabulate it); runs "
+                   "a probe.json already there holds and ROOT does not are kept")
     q = sub.add_parser("report", help="the figure and table of a run's folder")
     q.add_argument("root", type=Path)
     q.add_argument("--out", type=Path, required=True)

@@ -39,6 +39,7 @@ def test_rollout_is_d4rl_format_and_deterministic(tmp_path):
     loaded = load_dataset("hopper-medium-v2", str(a), "cpu")
     assert loaded.transitions.n == n - int(tout.sum()) - int(not tout[-1])  # D4RL's rule drops those rows
     check_env_widths(loaded)
+    assert loaded.fingerprint == info["fingerprint"]  # the summary names the data the file holds
     assert abs(loaded.behaviour_return - info["return_mean"]) < 1e-6 * abs(info["return_mean"])
 
 

@@ -165,6 +165,22 @@ def test_d4rl_roundtrip_locomotion(tmp_path, monkeypatch):
     env.close()
 
 
+def test_fingerprint_names_the_arrays_not_the_file(tmp_path):
+    """Two files holding the same five arrays share a fingerprint whatever else HDF5 wrote (chunking, extra
+    groups); one bit of one array, or one array's dtype, changes it; a loaded file and a run record it."""
+    raw = _raw()
+    a = D.load_dataset("hopper-medium-v2", str(_write_h5(tmp_path / "a.hdf5", raw)), "cpu")
+    with h5py.File(tmp_path / "b.hdf5", "w") as f:
+        for k in reversed(list(raw)):
+            f.create_dataset(k, data=raw[k], chunks=True, compression="gzip")
+    b = D.load_dataset("hopper-medium-v2", str(tmp_path / "b.hdf5"), "cpu")
+    assert a.fingerprint == b.fingerprint == D.d4rl_fingerprint(raw) and len(a.fingerprint) == 16
+    flipped = {**raw, "actions": raw["actions"].copy()}
+    flipped["actions"].view(np.uint32)[3, 1] ^= 1   # the last bit of one float
+    widened = {**raw, "rewards": raw["rewards"].astype(np.float64)}  # the same values, another dtype
+    assert len({D.d4rl_fingerprint(r) for r in (raw, flipped, widened)}) == 3
+
+
 def test_d4rl_roundtrip_antmaze_reward_shift(tmp_path):
     raw = _raw(S=29, A=8)
     raw["rewards"] = (np.arange(20) % 3 == 0).astype(np.float32)

@@ -309,6 +309,9 @@ def test_a_release_seed_resumes_bit_for_bit(tmp_path, monkeypatch):
     straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
     assert len([r for r in straight if r["kind"] == "eval"]) == 4
     assert resumed == straight
+    from dtql_fast.data import load_dataset  # the run names the data it read, by content
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert config["fingerprint"] == load_dataset("hopper-medium-v2", data, "cpu").fingerprint
 
 
 def test_release_networks_map_by_position():
@@ -470,3 +473,40 @@ def test_probe_reads_task_and_dataset_from_the_comparison_it_probes(tmp_path):
                                                           "dataset": str(tmp_path / "missing.hdf5")}))
     with pytest.raises(Exception, match="missing.hdf5"):  # the recorded dataset is the one it loads
         learning.probe(tmp_path, tmp_path / "out")
+
+
+def test_probe_keeps_the_runs_an_earlier_probe_measured_and_refuses_other_data(tmp_path, monkeypatch):
+    """A comparison finished on two machines is probed piece by piece into one probe.json: the runs the new
+    root holds are measured (and replace their earlier rows), the others are kept; a probe.json of other
+    data is refused and left as it was."""
+    from dtql_fast.data import load_dataset
+    from dtql_fast.profiling import gpu_check
+
+    data = str(gpu_check.write_d4rl(tmp_path / "d.hdf5", 11, 3, rows=300))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "comparison.json").write_text(json.dumps({"task": "hopper-medium-v2", "dataset": data}))
+    _write(root / "release" / "seed2", _seed_rows([1.0]))
+    (root / "release" / "seed2" / "summary.json").write_text("{}")
+    monkeypatch.setattr(learning, "networks_of", lambda folder, agent: (folder.name, 155000))
+    monkeypatch.setattr(learning, "probe_networks", lambda nets, *a: {k: 7.0 for k, _ in learning.PROBE_STATS})
+    out = tmp_path / "out"
+    out.mkdir()
+    meta = {"task": "hopper-medium-v2", "dataset": data, "states": 50, "sigmas": list(learning.PROBE_SIGMAS),
+            "episode_starts": len(learning.episode_starts(load_dataset("hopper-medium-v2", data).transitions))}
+    old = {"step": 155000, **{k: 1.0 for k, _ in learning.PROBE_STATS}}
+    earlier = {"meta": meta, "variants": {"group-compiled": {"0": old}, "release": {"2": old, "0": old}}}
+    (out / "probe.json").write_text(json.dumps(earlier))   # written before runs recorded fingerprints
+    got = learning.probe(root, out, states=50)
+    assert list(got["variants"]) == ["release", "group-compiled"] and list(got["variants"]["release"]) == ["0", "2"]
+    assert got["variants"]["release"]["2"]["q_gap"] == 7.0 and got["variants"]["release"]["0"] == old
+    assert got["variants"]["group-compiled"]["0"] == old
+    assert got["meta"]["fingerprint"] == load_dataset("hopper-medium-v2", data).fingerprint
+    assert json.loads((out / "probe.json").read_text()) == got
+    before = (out / "probe.json").read_text()
+    with pytest.raises(SystemExit, match="states: 50, now 60"):
+        learning.probe(root, out, states=60)
+    other = str(gpu_check.write_d4rl(tmp_path / "e.hdf5", 11, 3, rows=400))
+    with pytest.raises(SystemExit, match="fingerprint"):
+        learning.probe(root, out, dataset=other, states=50)
+    assert (out / "probe.json").read_text() == before

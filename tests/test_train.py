@@ -179,3 +179,13 @@ def test_help_lists_the_flags(capsys):
                  "--lr-decay", "--batch-size", "--expectile", "--kernels", "--noise-levels", "--profile-steps",
                  "--checkpoint-every"):
         assert flag in text, flag
+
+
+def test_a_run_records_the_fingerprint_of_the_data_it_read(tmp_path):
+    from dtql_fast.data import load_dataset
+    from dtql_fast.profiling.gpu_check import write_d4rl
+    data = str(write_d4rl(tmp_path / "d.hdf5", 11, 3, rows=200))
+    _run(tmp_path, "--task", "hopper-medium-v2", "--dataset", data, "--no-eval")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["source"] == data
+    assert config["fingerprint"] == load_dataset("hopper-medium-v2", data, "cpu").fingerprint is not None

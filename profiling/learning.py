@@ -440,13 +440,15 @@ def _earlier_probe(path: Path, meta: dict) -> dict:
         before = json.loads(path.read_text())
         old, runs = before["meta"], before["variants"]
     except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path} is not a probe.json `probe` wrote ({e}); move it aside or give another --out")
+        raise SystemExit(f"error: {path} is not a probe.json `probe` wrote ({e}); move it aside or give another "
+                         "--out") from None
     same = ["task", "states", "sigmas", "episode_starts"]
     same.append("fingerprint" if old.get("fingerprint") and meta.get("fingerprint") else "dataset")
     differ = [k for k in same if old.get(k) != meta.get(k)]
     if differ:
-        raise SystemExit(f"error: {path} probed other data or rows ({', '.join(f'{k}: {old.get(k)!r}, now {meta.get(k)!r}' for k in differ)}); "
-                         "give another --out, or move it aside to probe afresh")
+        what = ", ".join(f"{k}: {old.get(k)!r}, now {meta.get(k)!r}" for k in differ)
+        raise SystemExit(f"error: {path} probed other data or rows ({what}); give another --out, or move it aside "
+                         "to probe afresh")
     return runs
 
 
@@ -954,8 +956,9 @@ def main(argv=None):
     b.add_argument("--task", help="default: the task in ROOT/comparison.json (what `run` trained)")
     b.add_argument("--dataset", help="default: the dataset in ROOT/comparison.json")
     b.add_argument("--states", type=int, default=PROBE_STATES)
-    b.add_argument("--out", type=Path, required=True, help="where probe.json goes (report's --out, to tabulate it); runs "
-                   "a probe.json already there holds and ROOT does not are kept")
+    b.add_argument("--out", type=Path, required=True,
+                   help="where probe.json goes (report's --out, to tabulate it); runs a probe.json already there "
+                   "holds and ROOT does not are kept")
     q = sub.add_parser("report", help="the figure and table of a run's folder")
     q.add_argument("root", type=Path)
     q.add_argument("--out", type=Path, required=True)
